@@ -1,0 +1,1 @@
+"""Weight converters from the PyTorch peers' folders (diffusers, transformers), without torch."""

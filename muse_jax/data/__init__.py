@@ -1,0 +1,1 @@
+"""Image-text sources, the grain input pipeline, pre-encoding and the synthetic shapes set."""

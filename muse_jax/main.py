@@ -1,0 +1,48 @@
+"""The `muse-jax` command: `muse-jax SUBCOMMAND [--flags]`.
+
+Each subcommand lives in `muse_jax/cli/<name>.py`, which defines its absl flags and a
+`main(argv)`; it is imported only when asked for, so one command's flags (and its
+heavy imports) never slow down another. The logic is in libraries that are tested.
+"""
+
+import importlib
+import sys
+
+from absl import app, flags
+
+# name -> (module, one line of help). Keep sorted by the order a user meets them.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "demo": ("muse_jax.cli.demo", "Run the demo: masked parallel decoding end to end on this machine."),
+}
+
+
+def _usage() -> str:
+  width = max(map(len, COMMANDS))
+  lines = [f"  {name:<{width}}  {help_}" for name, (_, help_) in COMMANDS.items()]
+  return (
+      "usage: muse-jax COMMAND [--flag=value ...]\n\ncommands:\n"
+      + "\n".join(lines)
+      + "\n\n`muse-jax COMMAND --help` explains a command's flags."
+  )
+
+
+def run(argv: list[str] | None = None) -> None:
+  """Console-script entry point."""
+  argv = list(sys.argv if argv is None else argv)
+  if len(argv) < 2 or argv[1] in ("-h", "--help", "help"):
+    print(_usage())
+    return
+  name = argv[1]
+  if name not in COMMANDS:
+    sys.exit(f"muse-jax: unknown command {name!r}; expected one of {', '.join(COMMANDS)}.\n\n{_usage()}")
+  module = importlib.import_module(COMMANDS[name][0])
+  prog = f"muse-jax {name}"
+  if any(a in ("-h", "--help", "-help") for a in argv[2:]):
+    doc = (module.__doc__ or COMMANDS[name][1]).strip()
+    print(f"usage: {prog} [--flag=value ...]\n\n{doc}\n\nflags:\n{flags.FLAGS.module_help(module)}")
+    return
+  app.run(module.main, argv=[prog, *argv[2:]])
+
+
+if __name__ == "__main__":
+  run()

@@ -1,0 +1,1 @@
+"""Flax linen modules only: explicit typed fields, no config objects, no I/O."""

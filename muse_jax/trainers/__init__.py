@@ -1,0 +1,1 @@
+"""Trainers: `train_and_evaluate(config, workdir)` per stage."""

@@ -12,7 +12,10 @@ from absl import app, flags
 
 # name -> (module, one line of help). Keep sorted by the order a user meets them.
 COMMANDS: dict[str, tuple[str, str]] = {
-    "demo": ("muse_jax.cli.demo", "Run the demo: masked parallel decoding end to end on this machine."),
+  "demo": (
+    "muse_jax.cli.demo",
+    "Run the demo: masked parallel decoding end to end on this machine.",
+  ),
 }
 
 
@@ -20,9 +23,9 @@ def _usage() -> str:
   width = max(map(len, COMMANDS))
   lines = [f"  {name:<{width}}  {help_}" for name, (_, help_) in COMMANDS.items()]
   return (
-      "usage: muse-jax COMMAND [--flag=value ...]\n\ncommands:\n"
-      + "\n".join(lines)
-      + "\n\n`muse-jax COMMAND --help` explains a command's flags."
+    "usage: muse-jax COMMAND [--flag=value ...]\n\ncommands:\n"
+    + "\n".join(lines)
+    + "\n\n`muse-jax COMMAND --help` explains a command's flags."
   )
 
 
@@ -34,7 +37,9 @@ def run(argv: list[str] | None = None) -> None:
     return
   name = argv[1]
   if name not in COMMANDS:
-    sys.exit(f"muse-jax: unknown command {name!r}; expected one of {', '.join(COMMANDS)}.\n\n{_usage()}")
+    sys.exit(
+      f"muse-jax: unknown command {name!r}; expected one of {', '.join(COMMANDS)}.\n\n{_usage()}"
+    )
   module = importlib.import_module(COMMANDS[name][0])
   prog = f"muse-jax {name}"
   if any(a in ("-h", "--help", "-help") for a in argv[2:]):

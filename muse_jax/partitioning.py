@@ -24,8 +24,9 @@ from typing import Any
 
 import flax.linen as nn
 import jax
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 # ---------------------------------------------------------------------------
 # Mesh axis names.
@@ -59,22 +60,22 @@ Rules = tuple[tuple[str, Any], ...]
 # FSDP over the model width and tensor parallelism over heads / MLP width. With a
 # mesh of shape (data=n, fsdp=1, tensor=1) this degenerates to data parallelism.
 DEFAULT_RULES: Rules = (
-    (BATCH, (DATA, FSDP)),
-    (LENGTH, None),
-    (KV_LENGTH, None),
-    (TEXT_LENGTH, None),
-    (EMBED, FSDP),
-    (TEXT_EMBED, FSDP),
-    (MLP, TENSOR),
-    (HEADS, TENSOR),
-    (HEAD_DIM, None),
-    (VOCAB, TENSOR),
-    (LAYERS, None),
-    (REL_POS, None),
-    (CONV_IN, None),
-    (CONV_OUT, FSDP),
-    (SPATIAL, None),
-    (NORM, None),
+  (BATCH, (DATA, FSDP)),
+  (LENGTH, None),
+  (KV_LENGTH, None),
+  (TEXT_LENGTH, None),
+  (EMBED, FSDP),
+  (TEXT_EMBED, FSDP),
+  (MLP, TENSOR),
+  (HEADS, TENSOR),
+  (HEAD_DIM, None),
+  (VOCAB, TENSOR),
+  (LAYERS, None),
+  (REL_POS, None),
+  (CONV_IN, None),
+  (CONV_OUT, FSDP),
+  (SPATIAL, None),
+  (NORM, None),
 )
 
 
@@ -102,8 +103,8 @@ def rules_from_config(rules: Sequence[Sequence[Any]] | None) -> Rules:
 
 
 def make_mesh(
-    shape: Mapping[str, int] | Sequence[int] | None = None,
-    devices: Sequence[jax.Device] | None = None,
+  shape: Mapping[str, int] | Sequence[int] | None = None,
+  devices: Sequence[jax.Device] | None = None,
 ) -> Mesh:
   """Builds a (data, fsdp, tensor) mesh with Auto axis types.
 
@@ -134,11 +135,13 @@ def make_mesh(
   known = math.prod(s for s in sizes if s != -1)
   if -1 in sizes:
     if len(devices) % known:
-      raise ValueError(f"{len(devices)} devices cannot be split into mesh {dict(zip(MESH_AXES, sizes))}")
+      raise ValueError(
+        f"{len(devices)} devices cannot be split into mesh {dict(zip(MESH_AXES, sizes))}"
+      )
     sizes[sizes.index(-1)] = len(devices) // known
   if math.prod(sizes) != len(devices):
     raise ValueError(
-        f"mesh {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} devices; {len(devices)} are available"
+      f"mesh {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} devices; {len(devices)} are available"
     )
   if len(devices) == len(jax.devices()) and devices == list(jax.devices()):
     # Let jax order devices for the physical topology (rings on TPU).
@@ -179,10 +182,10 @@ def logical_shardings(abstract_tree: Any, mesh: Mesh, rules: Rules = DEFAULT_RUL
 
 
 def sharded_init(
-    init_fn: Callable[..., Any],
-    mesh: Mesh,
-    rules: Rules = DEFAULT_RULES,
-    *args: Any,
+  init_fn: Callable[..., Any],
+  mesh: Mesh,
+  rules: Rules = DEFAULT_RULES,
+  *args: Any,
 ) -> tuple[Any, Any]:
   """Creates a pytree already sharded, never materialising it on one device.
 
@@ -210,7 +213,7 @@ def sharded_init(
 def unbox_abstract(tree: Any) -> Any:
   """Strips partitioning boxes from an ``eval_shape`` tree without constraints."""
   return jax.tree.map(
-      lambda x: x.unbox(apply_constraint=False) if isinstance(x, nn.meta.AxisMetadata) else x,
-      tree,
-      is_leaf=lambda x: isinstance(x, nn.meta.AxisMetadata),
+    lambda x: x.unbox(apply_constraint=False) if isinstance(x, nn.meta.AxisMetadata) else x,
+    tree,
+    is_leaf=lambda x: isinstance(x, nn.meta.AxisMetadata),
   )

@@ -8,16 +8,18 @@ import os
 import pathlib
 
 os.environ["XLA_FLAGS"] = (
-    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+  os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # Tests are tiny: XLA's expensive optimisation passes cost more than they save.
 os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
 
-import jax  # noqa: E402
-import pytest  # noqa: E402
+import jax
+import pytest
 
-_CACHE = pathlib.Path(os.environ.get("MUSE_JAX_TEST_CACHE", pathlib.Path.home() / ".cache" / "muse_jax_tests"))
+_CACHE = pathlib.Path(
+  os.environ.get("MUSE_JAX_TEST_CACHE", pathlib.Path.home() / ".cache" / "muse_jax_tests")
+)
 jax.config.update("jax_compilation_cache_dir", str(_CACHE / "jax"))
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)

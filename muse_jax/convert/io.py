@@ -19,18 +19,18 @@ import numpy as np
 PathLike = str | os.PathLike
 
 _DTYPES = {
-    "F64": np.float64,
-    "F32": np.float32,
-    "F16": np.float16,
-    "BF16": ml_dtypes.bfloat16,
-    "F8_E4M3": ml_dtypes.float8_e4m3fn,
-    "F8_E5M2": ml_dtypes.float8_e5m2,
-    "I64": np.int64,
-    "I32": np.int32,
-    "I16": np.int16,
-    "I8": np.int8,
-    "U8": np.uint8,
-    "BOOL": np.bool_,
+  "F64": np.float64,
+  "F32": np.float32,
+  "F16": np.float16,
+  "BF16": ml_dtypes.bfloat16,
+  "F8_E4M3": ml_dtypes.float8_e4m3fn,
+  "F8_E5M2": ml_dtypes.float8_e5m2,
+  "I64": np.int64,
+  "I32": np.int32,
+  "I16": np.int16,
+  "I8": np.int8,
+  "U8": np.uint8,
+  "BOOL": np.bool_,
 }
 
 
@@ -46,7 +46,9 @@ def read_safetensors_header(path: PathLike) -> tuple[dict, int]:
 def read_tensor(path: PathLike, info: dict, data_offset: int) -> np.ndarray:
   """Reads one tensor described by a header entry."""
   if info["dtype"] not in _DTYPES:
-    raise ValueError(f"{path}: dtype {info['dtype']} is not supported; expected one of {sorted(_DTYPES)}")
+    raise ValueError(
+      f"{path}: dtype {info['dtype']} is not supported; expected one of {sorted(_DTYPES)}"
+    )
   start, end = info["data_offsets"]
   with open(path, "rb") as f:
     f.seek(data_offset + start)
@@ -70,7 +72,9 @@ class SafetensorsFolder(Mapping[str, np.ndarray]):
   tensor from disk; nothing is cached.
   """
 
-  def __init__(self, folder: PathLike, stems: tuple[str, ...] = ("model", "diffusion_pytorch_model")):
+  def __init__(
+    self, folder: PathLike, stems: tuple[str, ...] = ("model", "diffusion_pytorch_model")
+  ):
     """Opens the first of ``<stem>.safetensors`` / ``<stem>.safetensors.index.json`` found.
 
     Args:
@@ -93,7 +97,9 @@ class SafetensorsFolder(Mapping[str, np.ndarray]):
         weight_map = read_json(index)["weight_map"]
         missing = sorted({v for v in weight_map.values() if not (self.folder / v).is_file()})
         if missing:
-          raise FileNotFoundError(f"{self.folder}: {index.name} names shard files that are missing: {missing}")
+          raise FileNotFoundError(
+            f"{self.folder}: {index.name} names shard files that are missing: {missing}"
+          )
         self._file_of = {k: self.folder / v for k, v in weight_map.items()}
         break
     else:

@@ -1,0 +1,328 @@
+"""Transformer building blocks of the Muse models (paper §2.3, §2.4 and Figure 3).
+
+A block is pre-LayerNorm: self-attention, then (optionally) cross-attention to a
+conditioning sequence (the projected text, or low-res tokens + text for super-res)
+with its padding mask, then an MLP, each added back to the residual stream.
+
+Self-attention is either full, or multi-axis (HiT, Zhao et al. 2021; MaxViT, Tu et
+al. 2022) for the 64x64 = 4096 tokens of the super-resolution model (§2.4): half of
+the heads attend within non-overlapping P x P windows (block attention: local
+detail), the other half across a G x G grid of tokens spaced (h/G, w/G) apart
+(grid attention: sparse, global reach). Both halves together cost O(L (P² + G²))
+instead of O(L²), and two blocks in a row connect any two tokens.
+
+Every parameter carries logical axis names (``muse_jax.partitioning``) where it is
+created, and activations are constrained at block boundaries, so the mesh rules
+alone decide data / FSDP / tensor parallelism. Parameters are stored in
+``param_dtype`` (float32) and computed in ``dtype`` (bfloat16 on TPU); softmax and
+normalisation statistics stay in float32.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from muse_jax.partitioning import (
+    BATCH,
+    EMBED,
+    HEAD_DIM,
+    HEADS,
+    KV_LENGTH,
+    LAYERS,
+    LENGTH,
+    MLP,
+    NORM,
+    constrain,
+)
+
+Dtype = Any
+ATTENTION_KINDS = ("full", "multi_axis")
+
+# Initialisers (BERT / ViT style): truncated normal for projections and embeddings.
+default_kernel_init = nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal")
+embed_init = nn.initializers.normal(stddev=0.02)
+
+
+def dense(
+    features: int | tuple[int, ...],
+    axes: tuple[str | None, ...],
+    *,
+    axis: int | tuple[int, ...] = -1,
+    use_bias: bool = True,
+    dtype: Dtype = jnp.float32,
+    param_dtype: Dtype = jnp.float32,
+    name: str,
+) -> nn.DenseGeneral:
+  """``nn.DenseGeneral`` whose kernel is named ``axes`` (input axes, then output axes)."""
+  n_out = 1 if isinstance(features, int) else len(features)
+  return nn.DenseGeneral(
+      features,
+      axis=axis,
+      use_bias=use_bias,
+      dtype=dtype,
+      param_dtype=param_dtype,
+      kernel_init=nn.with_logical_partitioning(default_kernel_init, axes),
+      bias_init=nn.with_logical_partitioning(nn.initializers.zeros, axes[-n_out:]),
+      name=name,
+  )
+
+
+def layer_norm(*, dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32, name: str) -> nn.LayerNorm:
+  return nn.LayerNorm(
+      epsilon=1e-6,
+      dtype=dtype,
+      param_dtype=param_dtype,
+      scale_init=nn.with_logical_partitioning(nn.initializers.ones, (NORM,)),
+      bias_init=nn.with_logical_partitioning(nn.initializers.zeros, (NORM,)),
+      name=name,
+  )
+
+
+def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None) -> jax.Array:
+  """Softmax attention with float32 logits.
+
+  Args:
+    q: [B, L, N, H] queries.
+    k, v: [B, S, N, H] keys and values.
+    mask: bool [B, S] (True = attend) or None.
+
+  Returns:
+    [B, L, N, H] in q's dtype.
+  """
+  logits = jnp.einsum("BLNH,BSNH->BNLS", q, k, preferred_element_type=jnp.float32)
+  logits = logits / jnp.sqrt(jnp.float32(q.shape[-1]))
+  if mask is not None:
+    logits = jnp.where(mask[:, None, None, :], logits, jnp.finfo(jnp.float32).min)
+  probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+  return jnp.einsum("BNLS,BSNH->BLNH", probs, v)
+
+
+def _to_windows(x: jax.Array, grid: tuple[int, int], window: int, kind: str) -> jax.Array:
+  """Regroups tokens into attention groups: [B, h*w, N, H] -> [B*G, S, N, H].
+
+  "block": contiguous ``window x window`` patches. "grid": ``window x window``
+  tokens spread evenly over the image (stride h/window, w/window).
+  """
+  b, _, n, d = x.shape
+  h, w = grid
+  p = window
+  if kind == "block":
+    x = x.reshape(b, h // p, p, w // p, p, n, d)  # [B, h/P, P, w/P, P, N, H]
+    x = x.transpose(0, 1, 3, 2, 4, 5, 6)
+  else:
+    x = x.reshape(b, p, h // p, p, w // p, n, d)  # [B, G, h/G, G, w/G, N, H]
+    x = x.transpose(0, 2, 4, 1, 3, 5, 6)
+  return x.reshape(-1, p * p, n, d)
+
+
+def _from_windows(x: jax.Array, batch: int, grid: tuple[int, int], window: int, kind: str) -> jax.Array:
+  """Inverse of ``_to_windows``: [B*G, S, N, H] -> [B, h*w, N, H]."""
+  h, w = grid
+  p = window
+  n, d = x.shape[-2:]
+  if kind == "block":
+    x = x.reshape(batch, h // p, w // p, p, p, n, d).transpose(0, 1, 3, 2, 4, 5, 6)
+  else:
+    x = x.reshape(batch, h // p, w // p, p, p, n, d).transpose(0, 3, 1, 4, 2, 5, 6)
+  return x.reshape(batch, h * w, n, d)
+
+
+def multi_axis_attention(
+    q: jax.Array, k: jax.Array, v: jax.Array, grid: tuple[int, int], window: int
+) -> jax.Array:
+  """Block attention on the first half of the heads, grid attention on the second.
+
+  Args:
+    q, k, v: [B, L, N, H] with L = h * w and an even N.
+    grid: (h, w) of the token grid; both divisible by ``window``.
+    window: P, the side of a block and of the attended grid.
+
+  Returns:
+    [B, L, N, H].
+  """
+  b, length, n, _ = q.shape
+  half = n // 2
+  outs = []
+  for kind, heads in (("block", slice(0, half)), ("grid", slice(half, n))):
+    qs, ks, vs = (_to_windows(t[:, :, heads], grid, window, kind) for t in (q, k, v))
+    outs.append(_from_windows(dot_product_attention(qs, ks, vs, None), b, grid, window, kind))
+  return jnp.concatenate(outs, axis=2)
+
+
+class Attention(nn.Module):
+  """Multi-head attention: self (``memory=None``) or cross to a masked memory."""
+
+  num_heads: int = 8  # N.
+  head_dim: int = 64  # H.
+  kind: str = "full"  # "full" or "multi_axis" (self-attention over a token grid only).
+  grid: tuple[int, int] | None = None  # (h, w) of the queries, for multi-axis attention.
+  window: int = 8  # Block / grid side P of multi-axis attention.
+  use_bias: bool = True  # Biases on the projections.
+  dtype: Dtype = jnp.float32  # Computation dtype.
+  param_dtype: Dtype = jnp.float32  # Parameter dtype.
+
+  def setup(self):
+    if self.kind not in ATTENTION_KINDS:
+      raise ValueError(f"unknown attention kind {self.kind!r}; expected one of {ATTENTION_KINDS}")
+    if self.kind == "multi_axis":
+      if self.grid is None or self.num_heads % 2:
+        raise ValueError(
+            f"multi-axis attention needs a grid and an even number of heads; got grid={self.grid}, "
+            f"num_heads={self.num_heads}"
+        )
+      if self.grid[0] % self.window or self.grid[1] % self.window:
+        raise ValueError(f"multi-axis window {self.window} must divide the token grid {self.grid}")
+
+  @nn.compact
+  def __call__(
+      self, x: jax.Array, memory: jax.Array | None = None, memory_mask: jax.Array | None = None
+  ) -> jax.Array:
+    """Attends from ``x`` [B, L, D] to itself or to ``memory`` [B, S, D] (mask [B, S])."""
+    width = x.shape[-1]
+    proj = dict(use_bias=self.use_bias, dtype=self.dtype, param_dtype=self.param_dtype)
+    heads = (self.num_heads, self.head_dim)
+    source = x if memory is None else memory
+    q = dense(heads, (EMBED, HEADS, HEAD_DIM), name="query", **proj)(x)  # [B, L, N, H]
+    k = dense(heads, (EMBED, HEADS, HEAD_DIM), name="key", **proj)(source)  # [B, S, N, H]
+    v = dense(heads, (EMBED, HEADS, HEAD_DIM), name="value", **proj)(source)
+    q = constrain(q, (BATCH, LENGTH, HEADS, HEAD_DIM))
+    k = constrain(k, (BATCH, KV_LENGTH, HEADS, HEAD_DIM))
+    v = constrain(v, (BATCH, KV_LENGTH, HEADS, HEAD_DIM))
+    if self.kind == "multi_axis" and memory is None:
+      out = multi_axis_attention(q, k, v, self.grid, self.window)
+    else:
+      out = dot_product_attention(q, k, v, memory_mask)
+    out = constrain(out, (BATCH, LENGTH, HEADS, HEAD_DIM))
+    return dense(width, (HEADS, HEAD_DIM, EMBED), axis=(-2, -1), name="out", **proj)(out)
+
+
+class Mlp(nn.Module):
+  """Two-layer GELU MLP: D -> F -> D."""
+
+  hidden_dim: int = 2048  # F.
+  dropout_rate: float = 0.0  # Dropout on the hidden activations.
+  deterministic: bool = True  # Disables dropout.
+  dtype: Dtype = jnp.float32  # Computation dtype.
+  param_dtype: Dtype = jnp.float32  # Parameter dtype.
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    h = dense(self.hidden_dim, (EMBED, MLP), name="wi", **kw)(x)  # [B, L, F]
+    h = constrain(nn.gelu(h), (BATCH, LENGTH, MLP))
+    h = nn.Dropout(self.dropout_rate, deterministic=self.deterministic)(h)
+    return dense(x.shape[-1], (MLP, EMBED), name="wo", **kw)(h)
+
+
+class TransformerBlock(nn.Module):
+  """Pre-LN block: x += SelfAttn(LN x); [x += CrossAttn(LN x, memory)]; x += MLP(LN x).
+
+  ``__call__`` returns ``(x, None)`` so that the block can be ``nn.scan``-ned.
+  """
+
+  num_heads: int = 8  # N.
+  head_dim: int = 64  # H.
+  mlp_dim: int = 2048  # F.
+  cross_attention: bool = True  # Whether to attend to the memory.
+  attention: str = "full"  # Self-attention kind: "full" or "multi_axis".
+  grid: tuple[int, int] | None = None  # (h, w) of the tokens, for multi-axis attention.
+  window: int = 8  # Multi-axis block / grid side.
+  dropout_rate: float = 0.0  # Dropout after each sub-layer.
+  deterministic: bool = True  # Disables dropout.
+  dtype: Dtype = jnp.float32  # Computation dtype.
+  param_dtype: Dtype = jnp.float32  # Parameter dtype.
+
+  @nn.compact
+  def __call__(
+      self, x: jax.Array, memory: jax.Array | None = None, memory_mask: jax.Array | None = None
+  ) -> tuple[jax.Array, None]:
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    attn = dict(num_heads=self.num_heads, head_dim=self.head_dim, **kw)
+    drop = lambda y: nn.Dropout(self.dropout_rate, deterministic=self.deterministic)(y)
+    x = constrain(x, (BATCH, LENGTH, EMBED))  # [B, L, D]
+    h = layer_norm(name="norm_self", **kw)(x)
+    h = Attention(kind=self.attention, grid=self.grid, window=self.window, name="self_attention", **attn)(h)
+    x = x + drop(h)
+    if self.cross_attention:
+      if memory is None:
+        raise ValueError("this block cross-attends: pass memory [B, S, D] (and its mask)")
+      h = layer_norm(name="norm_cross", **kw)(x)
+      h = Attention(name="cross_attention", **attn)(h, memory, memory_mask)
+      x = x + drop(h)
+    h = layer_norm(name="norm_mlp", **kw)(x)
+    h = Mlp(self.mlp_dim, self.dropout_rate, self.deterministic, name="mlp", **kw)(h)
+    x = constrain(x + drop(h), (BATCH, LENGTH, EMBED))
+    return x, None
+
+
+REMAT_POLICIES = {
+    "none": None,  # Keep every activation (fastest, most memory).
+    "full": jax.checkpoint_policies.nothing_saveable,  # Recompute the whole block.
+    "dots": jax.checkpoint_policies.checkpoint_dots,  # Keep matmul outputs.
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # Keep projections.
+}
+
+
+class BlockStack(nn.Module):
+  """``num_layers`` transformer blocks, optionally scanned and rematerialised.
+
+  With ``scan`` the blocks' parameters are stacked on a leading ``LAYERS`` axis
+  (one compiled block body, fast compiles at depth 48); without it they are
+  ``layers_0 ... layers_{n-1}``.
+  """
+
+  num_layers: int = 2  # Depth.
+  num_heads: int = 8  # N.
+  head_dim: int = 64  # H.
+  mlp_dim: int = 2048  # F.
+  cross_attention: bool = True  # Blocks attend to the memory.
+  attention: str = "full"  # Self-attention kind.
+  grid: tuple[int, int] | None = None  # Token grid, for multi-axis attention.
+  window: int = 8  # Multi-axis block / grid side.
+  dropout_rate: float = 0.0  # Dropout rate.
+  deterministic: bool = True  # Disables dropout.
+  scan: bool = True  # nn.scan over layers.
+  remat_policy: str = "none"  # One of REMAT_POLICIES.
+  dtype: Dtype = jnp.float32  # Computation dtype.
+  param_dtype: Dtype = jnp.float32  # Parameter dtype.
+
+  @nn.compact
+  def __call__(
+      self, x: jax.Array, memory: jax.Array | None = None, memory_mask: jax.Array | None = None
+  ) -> jax.Array:
+    if self.remat_policy not in REMAT_POLICIES:
+      raise ValueError(f"unknown remat policy {self.remat_policy!r}; expected one of {list(REMAT_POLICIES)}")
+    block_cls = TransformerBlock
+    if self.remat_policy != "none":
+      block_cls = nn.remat(TransformerBlock, policy=REMAT_POLICIES[self.remat_policy], prevent_cse=not self.scan)
+    fields = dict(
+        num_heads=self.num_heads,
+        head_dim=self.head_dim,
+        mlp_dim=self.mlp_dim,
+        cross_attention=self.cross_attention,
+        attention=self.attention,
+        grid=self.grid,
+        window=self.window,
+        dropout_rate=self.dropout_rate,
+        deterministic=self.deterministic,
+        dtype=self.dtype,
+        param_dtype=self.param_dtype,
+    )
+    if self.scan:
+      stack = nn.scan(
+          block_cls,
+          variable_axes={"params": 0},
+          split_rngs={"params": True, "dropout": True},
+          in_axes=(nn.broadcast, nn.broadcast),
+          length=self.num_layers,
+          metadata_params={nn.PARTITION_NAME: LAYERS},
+      )
+      x, _ = stack(**fields, name="layers")(x, memory, memory_mask)
+      return x
+    for i in range(self.num_layers):
+      x, _ = block_cls(**fields, name=f"layers_{i}")(x, memory, memory_mask)
+    return x

@@ -1,0 +1,133 @@
+"""Attention (full, masked, multi-axis), blocks, scan / remat equivalence, axis names."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from muse_jax.models import layers
+
+GRID = (8, 8)
+WINDOW = 4
+
+
+def _window_ids(kind):
+  """Group id of each position in row-major order, computed independently."""
+  h, w = GRID
+  r, c = np.meshgrid(np.arange(h), np.arange(w), indexing="ij")
+  if kind == "block":
+    return ((r // WINDOW) * (w // WINDOW) + c // WINDOW).ravel()
+  return ((r % (h // WINDOW)) * (w // WINDOW) + c % (w // WINDOW)).ravel()
+
+
+@pytest.mark.parametrize("kind", ["block", "grid"])
+def test_windows_partition_the_grid(kind):
+  positions = jnp.arange(64.0).reshape(1, 64, 1, 1)
+  groups = layers._to_windows(positions, GRID, WINDOW, kind)  # [G, P*P, 1, 1]
+  assert groups.shape == (4, 16, 1, 1)
+  got = np.asarray(groups[..., 0, 0]).astype(int)
+  assert sorted(got.ravel()) == list(range(64))  # each position exactly once
+  ids = _window_ids(kind)
+  for group in got:
+    assert len(set(ids[group])) == 1  # one group = one window of the reference
+  back = layers._from_windows(groups, 1, GRID, WINDOW, kind)
+  np.testing.assert_array_equal(back, positions)
+
+
+def _reference_attention(q, k, v, allowed):
+  logits = np.einsum("blnh,bsnh->bnls", q, k) / np.sqrt(q.shape[-1])
+  logits = np.where(allowed, logits, -np.inf)
+  p = np.exp(logits - logits.max(-1, keepdims=True))
+  p /= p.sum(-1, keepdims=True)
+  return np.einsum("bnls,bsnh->blnh", p, v)
+
+
+def test_multi_axis_equals_masked_full_attention():
+  rng = np.random.default_rng(0)
+  q, k, v = (rng.normal(size=(2, 64, 4, 8)).astype(np.float32) for _ in range(3))
+  got = layers.multi_axis_attention(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), GRID, WINDOW)
+  for heads, kind in ((slice(0, 2), "block"), (slice(2, 4), "grid")):
+    ids = _window_ids(kind)
+    allowed = ids[:, None] == ids[None, :]  # [L, S]
+    want = _reference_attention(q[:, :, heads], k[:, :, heads], v[:, :, heads], allowed)
+    np.testing.assert_allclose(got[:, :, heads], want, rtol=1e-4, atol=1e-5)
+
+
+def test_cross_attention_ignores_padding():
+  attn = layers.Attention(num_heads=2, head_dim=4)
+  rng = np.random.default_rng(1)
+  x = jnp.asarray(rng.normal(size=(2, 5, 8)), jnp.float32)
+  memory = rng.normal(size=(2, 6, 8)).astype(np.float32)
+  mask = np.array([[1, 1, 1, 0, 0, 0], [1, 1, 1, 1, 1, 0]], bool)
+  params = attn.init(jax.random.key(0), x, jnp.asarray(memory), jnp.asarray(mask))
+  out = attn.apply(params, x, jnp.asarray(memory), jnp.asarray(mask))
+  garbage = np.where(mask[..., None], memory, 1e3)
+  out2 = attn.apply(params, x, jnp.asarray(garbage), jnp.asarray(mask))
+  np.testing.assert_allclose(out, out2, rtol=1e-5, atol=1e-5)
+  out3 = attn.apply(params, x, jnp.asarray(garbage), jnp.ones((2, 6), bool))
+  assert not np.allclose(out, out3)
+
+
+def _stack(scan, remat="none", attention="full"):
+  return layers.BlockStack(
+      num_layers=3,
+      num_heads=2,
+      head_dim=4,
+      mlp_dim=16,
+      attention=attention,
+      grid=(4, 4),
+      window=2,
+      scan=scan,
+      remat_policy=remat,
+  )
+
+
+@pytest.fixture(scope="module")
+def stack_inputs():
+  rng = np.random.default_rng(2)
+  x = jnp.asarray(rng.normal(size=(2, 16, 8)), jnp.float32)
+  memory = jnp.asarray(rng.normal(size=(2, 3, 8)), jnp.float32)
+  return x, memory, jnp.ones((2, 3), bool)
+
+
+def test_scan_equals_loop_and_remat_keeps_gradients(stack_inputs):
+  x, memory, mask = stack_inputs
+  scanned = _stack(scan=True)
+  params = scanned.init(jax.random.key(0), x, memory, mask)["params"]
+  boxed_kernel = params["layers"]["mlp"]["wi"]["kernel"]
+  assert boxed_kernel.names == (layers.LAYERS, layers.EMBED, layers.MLP)
+  params = nn.meta.unbox(params)
+  # The same weights as separate layers.
+  loop_params = {
+      f"layers_{i}": jax.tree.map(lambda p, i=i: p[i], params["layers"]) for i in range(3)
+  }
+  out_scan = jax.jit(scanned.apply)({"params": params}, x, memory, mask)
+  out_loop = jax.jit(_stack(scan=False).apply)({"params": loop_params}, x, memory, mask)
+  np.testing.assert_allclose(out_scan, out_loop, rtol=1e-5, atol=1e-5)
+
+  def loss(p, module):
+    return jnp.sum(module.apply({"params": p}, x, memory, mask) ** 2)
+
+  grad = jax.jit(jax.grad(loss), static_argnums=1)
+  g = grad(params, scanned)
+  g_remat = grad(params, _stack(scan=True, remat="full"))
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), g, g_remat)
+
+
+def test_every_parameter_has_logical_axes(stack_inputs):
+  x, memory, mask = stack_inputs
+  abstract = jax.eval_shape(_stack(scan=False, attention="multi_axis").init, jax.random.key(0), x, memory, mask)
+  leaves = jax.tree.leaves(abstract, is_leaf=lambda v: isinstance(v, nn.LogicallyPartitioned))
+  assert leaves and all(isinstance(v, nn.LogicallyPartitioned) for v in leaves)
+  for v in leaves:
+    assert len(v.names) == v.value.ndim
+
+
+def test_bad_settings_are_reported():
+  with pytest.raises(ValueError, match="window 3 must divide"):
+    layers.Attention(num_heads=2, head_dim=4, kind="multi_axis", grid=(4, 4), window=3).init(
+        jax.random.key(0), jnp.zeros((1, 16, 8))
+    )
+  with pytest.raises(ValueError, match="remat policy"):
+    _stack(scan=False, remat="some").init(jax.random.key(0), jnp.zeros((1, 16, 8)), jnp.zeros((1, 3, 8)))

@@ -1,0 +1,128 @@
+"""VQGAN encoder/decoder: shapes, options, bad input, gradients, sharded init."""
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from muse_jax import partitioning
+from muse_jax.models.vqgan import VQGAN, from_unit_range, to_unit_range, uint8_to_range
+
+TINY = dict(
+  channels=(16, 32, 32), num_res_blocks=1, latent_channels=8, codebook_size=32, norm_groups=8
+)
+
+
+def _init(model, size=16, batch=2):
+  x = jax.random.uniform(jax.random.key(0), (batch, size, size, 3), minval=-1, maxval=1)
+  return nn.meta.unbox(model.init(jax.random.key(1), x)), x
+
+
+@pytest.mark.parametrize(
+  "kw",
+  [
+    dict(downsample="avgpool"),
+    dict(downsample="conv", use_quant_conv=True, embed_dim=4, mid_attention=True),
+    dict(decoder_channels=(32, 64, 64), decoder_num_res_blocks=3, l2_normalize=True),
+  ],
+)
+def test_shapes_and_consistency(kw):
+  model = VQGAN(**TINY, **kw)
+  v, x = _init(model)
+  recon, aux = model.apply(v, x)
+  assert recon.shape == x.shape and recon.dtype == jnp.float32
+  ids = model.apply(v, x, method=model.encode)
+  assert ids.shape == (2, 4, 4) and model.downsample_factor == 4
+  np.testing.assert_array_equal(ids, aux["ids"])
+  # decode(encode(x)) is the forward pass's reconstruction.
+  np.testing.assert_allclose(model.apply(v, ids, method=model.decode), recon, atol=1e-5)
+  assert aux["z"].shape == (2, 4, 4, model.code_dim)
+  for k in ("quantizer_loss", "codebook_usage", "perplexity"):
+    assert np.isfinite(float(aux[k]))
+
+
+def test_decoder_finetune_shares_encoder_and_codebook_shapes():
+  small = VQGAN(**TINY)
+  big = VQGAN(**TINY, decoder_channels=(32, 64, 64), decoder_num_res_blocks=4)
+  vs, _ = _init(small)
+  vb, _ = _init(big)
+  shapes = lambda t: jax.tree.map(jnp.shape, t)
+  assert shapes(vs["params"]["encoder"]) == shapes(vb["params"]["encoder"])
+  assert shapes(vs["params"]["quantize"]) == shapes(vb["params"]["quantize"])
+  n = lambda t: sum(x.size for x in jax.tree.leaves(t))
+  assert n(vb["params"]["decoder"]) > 3 * n(vs["params"]["decoder"])
+
+
+def test_gradients_reach_encoder_through_the_quantizer():
+  model = VQGAN(**TINY)
+  v, x = _init(model)
+
+  def loss(p):
+    recon, aux = model.apply({"params": p}, x)
+    return jnp.mean((recon - x) ** 2) + aux["quantizer_loss"]
+
+  g = jax.grad(loss)(v["params"])
+  for part in ("encoder", "decoder", "quantize"):
+    assert float(sum(jnp.abs(t).sum() for t in jax.tree.leaves(g[part]))) > 0, part
+
+
+@pytest.mark.parametrize(
+  "x, match",
+  [
+    (jnp.zeros((2, 16, 16, 4)), r"4 channels.*expected 3"),
+    (jnp.zeros((2, 18, 16, 3)), r"18x16 is not a multiple of the downsampling factor 4"),
+    (jnp.zeros((2, 16, 16, 3), jnp.uint8), r"dtype uint8; expected floats"),
+    (jnp.zeros((16, 16, 3)), r"\[B, H, W, C\].*\(16, 16, 3\)"),
+  ],
+)
+def test_bad_images_name_found_and_expected(x, match):
+  model = VQGAN(**TINY)
+  v, _ = _init(model)
+  with pytest.raises(ValueError, match=match):
+    model.apply(v, x, method=model.encode)
+
+
+def test_bad_options():
+  with pytest.raises(ValueError, match="not divisible by norm_groups"):
+    _init(VQGAN(**{**TINY, "channels": (12, 32, 32)}))
+  with pytest.raises(ValueError, match="use_quant_conv"):
+    _init(VQGAN(**TINY, embed_dim=4))
+  with pytest.raises(ValueError, match="'avgpool' or 'conv'"):
+    _init(VQGAN(**TINY, downsample="max"))
+
+
+def test_bf16_compute_runs():
+  model = VQGAN(**TINY, dtype=jnp.bfloat16)
+  v, x = _init(model)
+  recon, aux = model.apply(v, x)
+  assert recon.dtype == jnp.float32 and np.isfinite(np.asarray(recon)).all()
+  assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(v))
+
+
+def test_range_helpers():
+  u = jnp.array([0, 255], jnp.uint8)
+  np.testing.assert_allclose(uint8_to_range(u), [-1, 1])
+  np.testing.assert_allclose(uint8_to_range(u, (0.0, 1.0)), [0, 1])
+  np.testing.assert_allclose(to_unit_range(from_unit_range(jnp.array([0.25]))), [0.25])
+
+
+def test_sharded_init_and_data_parallel_forward():
+  model = VQGAN(**TINY)
+  mesh = partitioning.make_mesh({"data": 4, "fsdp": 2})
+  x = jnp.zeros((8, 16, 16, 3))
+  params, shardings = partitioning.sharded_init(
+    lambda k, x: model.init(k, x), mesh, partitioning.DEFAULT_RULES, jax.random.key(0), x
+  )
+  flat = flax.traverse_util.flatten_dict(shardings["params"], sep="/")
+  # Conv output channels are sharded over fsdp; norms are replicated.
+  assert flat["encoder/conv_in/kernel"].spec[-1] == "fsdp"
+  assert all(s is None for s in flat["encoder/conv_norm_out/scale"].spec)
+  xs = partitioning.shard_batch(
+    np.random.default_rng(0).uniform(-1, 1, (8, 16, 16, 3)).astype(np.float32), mesh
+  )
+  with jax.set_mesh(mesh), nn.logical_axis_rules(partitioning.DEFAULT_RULES):
+    recon, aux = jax.jit(model.apply)(params, xs)
+  ref, _ = model.apply(jax.device_get(params), np.asarray(xs))
+  np.testing.assert_allclose(recon, ref, atol=1e-4)

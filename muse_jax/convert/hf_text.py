@@ -5,11 +5,8 @@ sharded model.safetensors.index.json) for T5EncoderModel / T5ForConditionalGener
 (the encoder half; MT5 alike) and CLIPTextModel / CLIPTextModelWithProjection / CLIPModel
 (the text half), with no torch.
 
-Loading goes one tensor at a time: each checkpoint tensor is read from disk, transposed
-into our layout, cast, and `jax.device_put` straight into the sharding that its logical
-axis names give under the rules; per-layer tensors are written into their slice of the
-stacked (``nn.scan``) parameter on the devices by a donated in-place update. Host memory
-therefore peaks near one tensor (a few copies of it at most), never the whole model.
+Loading goes tensor by tensor straight into the parameters' shardings
+(`muse_jax.convert.sharded_load`), so host memory peaks near one tensor, not the model.
 
 Name mapping (HF ``Linear.weight`` is ``[out, in]``; ours are ``[in, out]`` with heads split):
 
@@ -38,24 +35,19 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 import dataclasses
-import functools
-import math
 import pathlib
 from typing import Any
 
-from absl import logging
-from flax import traverse_util
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-from jax.sharding import NamedSharding, SingleDeviceSharding
-from jax.sharding import PartitionSpec as P
 import numpy as np
 
 from muse_jax.convert.io import PathLike, SafetensorsFolder, read_json
+from muse_jax.convert.sharded_load import Source, load_sharded
 from muse_jax.models.clip import CLIPTextTransformer
 from muse_jax.models.t5 import ACTIVATIONS, T5Encoder
-from muse_jax.partitioning import DEFAULT_RULES, Rules, logical_shardings, unbox_abstract
+from muse_jax.partitioning import DEFAULT_RULES, Rules
 
 T5_ARCHITECTURES = (
   "T5EncoderModel",
@@ -95,19 +87,6 @@ _CLIP_DEFAULTS = dict(
 )
 
 
-def _identity(x: np.ndarray) -> np.ndarray:
-  return x
-
-
-@dataclasses.dataclass(frozen=True)
-class Source:
-  """Where one parameter comes from: one checkpoint tensor, or one per layer (stacked)."""
-
-  names: tuple[str, ...]  # checkpoint tensor names; one per layer when stacked.
-  transform: Callable[[np.ndarray], np.ndarray] = _identity  # HF layout -> ours.
-  stacked: bool = False  # names[i] fills index i of the leading (layers) axis.
-
-
 @dataclasses.dataclass(frozen=True)
 class TextCheckpoint:
   """An opened text-encoder folder: the module to run and where its weights are."""
@@ -133,19 +112,20 @@ def _linear(shape: tuple[int, ...]) -> Callable[[np.ndarray], np.ndarray]:
   return lambda w: w.T.reshape(shape)
 
 
-def t5_checkpoint_parts(config: Mapping[str, Any], names: set[str], dtype: Any):
-  """T5Encoder, its parameter sources and the unused-tensor predicate for a T5 config."""
+def t5_module(config: Mapping[str, Any], dtype: Any = jnp.float32) -> T5Encoder:
+  """The ``T5Encoder`` a T5 / MT5 config.json describes (missing fields: transformers' defaults)."""
   c = {**_T5_DEFAULTS, **config}
   parts = c["feed_forward_proj"].split("-")
   if len(parts) > 2 or (len(parts) == 2 and parts[0] != "gated"):
     raise ValueError(f"feed_forward_proj={c['feed_forward_proj']!r}; expected 'ACT' or 'gated-ACT'")
-  gated, act = len(parts) == 2, parts[-1]
-  act = "gelu_new" if c["feed_forward_proj"] == "gated-gelu" else act  # as transformers maps it.
+  act = (
+    "gelu_new" if c["feed_forward_proj"] == "gated-gelu" else parts[-1]
+  )  # as transformers maps it.
   if act not in ACTIVATIONS:
     raise ValueError(
       f"feed_forward_proj={c['feed_forward_proj']!r}: activation {act!r} is not supported"
     )
-  module = T5Encoder(
+  return T5Encoder(
     vocab_size=c["vocab_size"],
     embed_dim=c["d_model"],
     num_layers=c["num_layers"],
@@ -153,17 +133,28 @@ def t5_checkpoint_parts(config: Mapping[str, Any], names: set[str], dtype: Any):
     head_dim=c["d_kv"],
     mlp_dim=c["d_ff"],
     activation=act,
-    gated=gated,
+    gated=len(parts) == 2,
     num_buckets=c["relative_attention_num_buckets"],
     max_distance=c["relative_attention_max_distance"],
     eps=c["layer_norm_epsilon"],
     dtype=dtype,
     param_dtype=dtype,
   )
+
+
+def t5_sources(config: Mapping[str, Any], names: set[str]) -> tuple[dict, Callable[[str], bool]]:
+  """Parameter path -> checkpoint tensors for a T5 config, and the unused-tensor predicate.
+
+  Args:
+    config: the config.json contents.
+    names: the checkpoint's tensor names (the shared embedding may be saved under either
+      of its tied names).
+  """
+  c = {**_T5_DEFAULTS, **config}
   d, n, h, layers = c["d_model"], c["num_heads"], c["d_kv"], range(c["num_layers"])
   embedding = "shared.weight" if "shared.weight" in names else "encoder.embed_tokens.weight"
 
-  def stack(template: str, transform=_identity) -> Source:
+  def stack(template: str, transform=None) -> Source:
     return Source(tuple(f"encoder.block.{i}.{template}" for i in layers), transform, stacked=True)
 
   attention = "layer.0.SelfAttention"
@@ -180,44 +171,66 @@ def t5_checkpoint_parts(config: Mapping[str, Any], names: set[str], dtype: Any):
     ("blocks", "mlp_norm", "scale"): stack("layer.1.layer_norm.weight"),
     ("final_norm", "scale"): Source(("encoder.final_layer_norm.weight",)),
   }
+  gated = c["feed_forward_proj"].startswith("gated-")
   for w in ("wi_0", "wi_1", "wo") if gated else ("wi", "wo"):
     sources[("blocks", "mlp", w)] = stack(f"layer.1.DenseReluDense.{w}.weight", np.transpose)
 
   def unused(name: str) -> bool:  # the decoder, the LM head, the tied copy of the embedding.
     return name.startswith(("decoder.", "lm_head.")) or name == "encoder.embed_tokens.weight"
 
-  return module, sources, unused
+  return sources, unused
 
 
-def clip_checkpoint_parts(config: Mapping[str, Any], names: set[str], dtype: Any):
-  """CLIPTextTransformer, its parameter sources and the unused-tensor predicate."""
+def clip_module(
+  config: Mapping[str, Any], dtype: Any = jnp.float32, *, projection: bool = True
+) -> CLIPTextTransformer:
+  """The ``CLIPTextTransformer`` a CLIP text config describes (missing: transformers' defaults).
+
+  Args:
+    config: a ``clip_text_model`` config.json, or a CLIPModel's ``text_config`` with the
+      top-level ``projection_dim`` added.
+    dtype: compute and parameter dtype.
+    projection: whether the model has the text projection (CLIPTextModel has none).
+  """
   c = {**_CLIP_DEFAULTS, **config}
   if c["hidden_act"] not in ACTIVATIONS:
     raise ValueError(
       f"hidden_act={c['hidden_act']!r} is not supported; expected one of {sorted(ACTIVATIONS)}"
     )
-  d, n = c["hidden_size"], c["num_attention_heads"]
-  if d % n:
-    raise ValueError(f"hidden_size {d} is not divisible by num_attention_heads {n}")
-  h, layers = d // n, range(c["num_hidden_layers"])
-  prefix = "text_model." if "text_model.embeddings.token_embedding.weight" in names else ""
-  has_projection = "text_projection.weight" in names
-  module = CLIPTextTransformer(
+  if c["hidden_size"] % c["num_attention_heads"]:
+    raise ValueError(
+      f"hidden_size {c['hidden_size']} is not divisible by num_attention_heads {c['num_attention_heads']}"
+    )
+  return CLIPTextTransformer(
     vocab_size=c["vocab_size"],
     max_length=c["max_position_embeddings"],
-    embed_dim=d,
+    embed_dim=c["hidden_size"],
     num_layers=c["num_hidden_layers"],
-    num_heads=n,
+    num_heads=c["num_attention_heads"],
     mlp_dim=c["intermediate_size"],
     activation=c["hidden_act"],
     eps=c["layer_norm_eps"],
     eos_token_id=c["eos_token_id"],
-    projection_dim=c["projection_dim"] if has_projection else None,
+    projection_dim=c["projection_dim"] if projection else None,
     dtype=dtype,
     param_dtype=dtype,
   )
 
-  def stack(template: str, transform=_identity) -> Source:
+
+def clip_sources(config: Mapping[str, Any], names: set[str]) -> tuple[dict, Callable[[str], bool]]:
+  """Parameter path -> checkpoint tensors for a CLIP text config, and the unused predicate.
+
+  Args:
+    config: the (text) config.
+    names: the checkpoint's tensor names; they tell the ``text_model.`` prefix (absent in
+      the CLIPTextModel folders transformers 5 writes) and whether there is a projection.
+  """
+  c = {**_CLIP_DEFAULTS, **config}
+  d, n = c["hidden_size"], c["num_attention_heads"]
+  h, layers = d // n, range(c["num_hidden_layers"])
+  prefix = "text_model." if "text_model.embeddings.token_embedding.weight" in names else ""
+
+  def stack(template: str, transform=None) -> Source:
     return Source(
       tuple(f"{prefix}encoder.layers.{i}.{template}" for i in layers), transform, stacked=True
     )
@@ -244,7 +257,7 @@ def clip_checkpoint_parts(config: Mapping[str, Any], names: set[str], dtype: Any
   for ours, theirs in (("attention_norm", "layer_norm1"), ("mlp_norm", "layer_norm2")):
     sources[("layers", ours, "scale")] = stack(f"{theirs}.weight")
     sources[("layers", ours, "bias")] = stack(f"{theirs}.bias")
-  if has_projection:
+  if "text_projection.weight" in names:
     sources[("projection",)] = Source(("text_projection.weight",), np.transpose)
 
   def unused(name: str) -> bool:  # CLIPModel's image tower; old checkpoints' position_ids buffer.
@@ -253,7 +266,25 @@ def clip_checkpoint_parts(config: Mapping[str, Any], names: set[str], dtype: Any
       f"{prefix}embeddings.position_ids",
     )
 
-  return module, sources, unused
+  return sources, unused
+
+
+def module_from_config(config: Mapping[str, Any], dtype: Any = jnp.float32) -> nn.Module:
+  """The encoder module a config.json describes, without weights (sizes, eval_shape, benchmarks)."""
+  family = FAMILIES.get(config.get("model_type"))
+  if family == "t5":
+    return t5_module(config, dtype)
+  if family == "clip":
+    if config["model_type"] == "clip":
+      config = {
+        **config.get("text_config", {}),
+        "projection_dim": config.get("projection_dim", 512),
+      }
+    projection = any(a != "CLIPTextModel" for a in config.get("architectures") or ["CLIPModel"])
+    return clip_module(config, dtype, projection=projection)
+  raise ValueError(
+    f"model_type={config.get('model_type')!r} is not a supported text encoder; expected one of {sorted(FAMILIES)}"
+  )
 
 
 def _check_weights_present(folder: pathlib.Path) -> None:
@@ -301,52 +332,17 @@ def open_text_checkpoint(folder: PathLike, *, dtype: Any = jnp.float32) -> TextC
   reader = SafetensorsFolder(folder, stems=("model",))
   names = set(reader)
   if family == "t5":
-    module, sources, unused = t5_checkpoint_parts(config, names, dtype)
+    module = t5_module(config, dtype)
+    sources, unused = t5_sources(config, names)
   else:
-    if model_type == "clip":  # a full CLIPModel: the text half, projection size at the top level.
+    if model_type == "clip":  # a full CLIPModel: its text half; the projection size is top-level.
       config = {
         **config.get("text_config", {}),
         "projection_dim": config.get("projection_dim", 512),
       }
-    module, sources, unused = clip_checkpoint_parts(config, names, dtype)
+    module = clip_module(config, dtype, projection="text_projection.weight" in names)
+    sources, unused = clip_sources(config, names)
   return TextCheckpoint(folder, family, dict(config), module, sources, unused, reader)
-
-
-def _fit(shape: tuple[int, ...], sharding: jax.sharding.Sharding) -> jax.sharding.Sharding:
-  """Drops mesh axes from dimensions they do not divide (those dimensions are replicated)."""
-  if not isinstance(sharding, NamedSharding):
-    return sharding
-  spec = list(sharding.spec) + [None] * (len(shape) - len(sharding.spec))
-  for dim, axes in enumerate(spec):
-    if axes is None:
-      continue
-    size = math.prod(sharding.mesh.shape[a] for a in (axes if isinstance(axes, tuple) else (axes,)))
-    if shape[dim] % size:
-      logging.info(
-        "replicating dimension %d (size %d) of a %s parameter: %s does not divide it",
-        dim,
-        shape[dim],
-        shape,
-        axes,
-      )
-      spec[dim] = None
-  return NamedSharding(sharding.mesh, P(*spec))
-
-
-def _layer_sharding(sharding: jax.sharding.Sharding) -> jax.sharding.Sharding:
-  """The sharding of one slice of a stacked parameter (its leading axis removed)."""
-  if isinstance(sharding, NamedSharding):
-    return NamedSharding(sharding.mesh, P(*sharding.spec[1:]))
-  return sharding
-
-
-@functools.partial(jax.jit, donate_argnums=0)
-def _set_layer(stacked: jax.Array, layer: jax.Array, index: jax.Array) -> jax.Array:
-  return jax.lax.dynamic_update_index_in_dim(stacked, layer, index, axis=0)
-
-
-def _zeros(shape: tuple[int, ...], dtype: Any, sharding: jax.sharding.Sharding) -> jax.Array:
-  return jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=sharding)()
 
 
 def load_params(
@@ -363,61 +359,18 @@ def load_params(
     rules: logical-to-mesh rules for the parameters' axis names.
 
   Returns:
-    The parameter tree (``{"token_embedding": ..., "layers": {...}}``), each leaf a
-    ``jax.Array`` already in its sharding.
+    The parameter tree, each leaf a ``jax.Array`` already in its sharding.
 
   Raises:
     KeyError: tensors the model needs are missing from the checkpoint.
-    ValueError: a tensor has the wrong shape, or the checkpoint has tensors the model
-      does not know (the config does not describe these weights).
+    ValueError: a tensor has the wrong shape, or the checkpoint has tensors that
+      config.json does not account for.
   """
-  folder, reader = checkpoint.folder, checkpoint.reader
-  abstract = checkpoint.abstract_params(rules)
-  if mesh is None:
-    shardings = jax.tree.map(
-      lambda _: SingleDeviceSharding(jax.devices()[0]), unbox_abstract(abstract)
-    )
-  else:
-    shardings = logical_shardings(abstract, mesh, rules)
-  flat_abstract = traverse_util.flatten_dict(unbox_abstract(abstract))
-  flat_shardings = traverse_util.flatten_dict(shardings)
-  assert set(flat_abstract) == set(checkpoint.sources), set(flat_abstract) ^ set(checkpoint.sources)
-
-  needed = {name for source in checkpoint.sources.values() for name in source.names}
-  missing = sorted(needed - set(reader))
-  if missing:
-    raise KeyError(
-      f"{folder}: the checkpoint lacks {len(missing)} tensors that config.json implies, e.g. {missing[:4]}"
-    )
-  unknown = sorted(n for n in reader if n not in needed and not checkpoint.unused(n))
-  if unknown:
-    raise ValueError(
-      f"{folder}: the checkpoint has {len(unknown)} tensors that config.json does not account for, "
-      f"e.g. {unknown[:4]}; config.json and the weights disagree"
-    )
-
-  def read(name: str, source: Source, shape: tuple[int, ...], dtype: Any) -> np.ndarray:
-    raw = reader[name]
-    array = source.transform(raw)
-    if array.shape != shape:
-      raise ValueError(
-        f"{folder}: tensor {name!r} has shape {raw.shape}; the config implies {shape} (ours)"
-      )
-    return np.asarray(array, dtype=dtype)
-
-  params = {}
-  for path, leaf in flat_abstract.items():
-    source, sharding = checkpoint.sources[path], _fit(leaf.shape, flat_shardings[path])
-    if not source.stacked:
-      params[path] = jax.device_put(read(source.names[0], source, leaf.shape, leaf.dtype), sharding)
-      continue
-    if len(source.names) != leaf.shape[0]:
-      raise ValueError(
-        f"{folder}: {len(source.names)} layers for a parameter stacked {leaf.shape[0]} deep"
-      )
-    stacked, layer_sharding = _zeros(leaf.shape, leaf.dtype, sharding), _layer_sharding(sharding)
-    for i, name in enumerate(source.names):
-      layer = jax.device_put(read(name, source, leaf.shape[1:], leaf.dtype), layer_sharding)
-      stacked = _set_layer(stacked, layer, i)
-    params[path] = stacked
-  return traverse_util.unflatten_dict(params)
+  return load_sharded(
+    checkpoint.abstract_params(rules),
+    checkpoint.sources,
+    checkpoint.reader,
+    unused=checkpoint.unused,
+    mesh=mesh,
+    rules=rules,
+  )

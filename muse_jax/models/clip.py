@@ -213,6 +213,8 @@ class CLIPTextTransformer(nn.Module):
       (self.max_length, self.embed_dim),
       self.param_dtype,
     )
+    # Gather from a table sharded over the vocabulary only (see T5Encoder).
+    tokens = constrain(tokens, (VOCAB, None))
     x = (jnp.take(tokens, ids, axis=0) + positions[None, :length]).astype(self.dtype)
     x = constrain(x, (BATCH, TEXT_LENGTH, EMBED))
 

@@ -294,6 +294,9 @@ class T5Encoder(nn.Module):
       (self.vocab_size, self.embed_dim),
       self.param_dtype,
     )
+    # Gather from a table sharded over the vocabulary only: the width's fsdp shards would
+    # clash with the batch's, and XLA would replicate the whole table to resolve it.
+    table = constrain(table, (VOCAB, None))
     x = constrain(jnp.take(table, ids, axis=0).astype(self.dtype), (BATCH, TEXT_LENGTH, EMBED))
     length = ids.shape[1]
     bias = T5RelativePositionBias(

@@ -16,6 +16,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "muse_jax.cli.demo",
     "Run the demo: masked parallel decoding end to end on this machine.",
   ),
+  "make-shapes": ("muse_jax.cli.make_shapes", "Write the synthetic shapes set as a folder."),
 }
 
 

@@ -27,62 +27,99 @@ import jax
 import jax.numpy as jnp
 
 from muse_jax.partitioning import (
-    BATCH,
-    EMBED,
-    HEAD_DIM,
-    HEADS,
-    KV_LENGTH,
-    LAYERS,
-    LENGTH,
-    MLP,
-    NORM,
-    constrain,
+  BATCH,
+  EMBED,
+  HEAD_DIM,
+  HEADS,
+  KV_LENGTH,
+  LAYERS,
+  LENGTH,
+  MLP,
+  NORM,
+  constrain,
 )
 
 Dtype = Any
 ATTENTION_KINDS = ("full", "multi_axis")
 
-# Initialisers (BERT / ViT style): truncated normal for projections and embeddings.
-default_kernel_init = nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal")
+# Embeddings: normal(0.02) (BERT / ViT); projections: truncated-normal fan-in (DenseGeneral).
 embed_init = nn.initializers.normal(stddev=0.02)
 
 
+class DenseGeneral(nn.Module):
+  """A linear map contracting the last ``contract`` axes of x into ``features`` axes.
+
+  Unlike ``nn.DenseGeneral``, the kernel is created at its final shape, so logical
+  axis names (one per kernel dim: inputs, then outputs) apply to it directly, and
+  fan-in counts all contracted dims.
+  """
+
+  features: tuple[int, ...] = (1,)  # Output dims.
+  axes: tuple[str | None, ...] = (None, None)  # Logical names of the kernel dims.
+  contract: int = 1  # Trailing input dims contracted.
+  use_bias: bool = True  # Add a bias over the output dims.
+  dtype: Dtype = jnp.float32  # Computation dtype.
+  param_dtype: Dtype = jnp.float32  # Parameter dtype.
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    n_in, n_out = self.contract, len(self.features)
+    if len(self.axes) != n_in + n_out:
+      raise ValueError(f"kernel axes {self.axes} must name {n_in} input and {n_out} output dims")
+    shape = tuple(x.shape[-n_in:]) + tuple(self.features)
+    init = nn.initializers.variance_scaling(
+      1.0,
+      "fan_in",
+      "truncated_normal",
+      in_axis=tuple(range(n_in)),
+      out_axis=tuple(range(n_in, n_in + n_out)),
+    )
+    kernel = self.param(
+      "kernel", nn.with_logical_partitioning(init, self.axes), shape, self.param_dtype
+    )
+    y = jnp.tensordot(x.astype(self.dtype), kernel.astype(self.dtype), axes=n_in)
+    if self.use_bias:
+      bias = self.param(
+        "bias",
+        nn.with_logical_partitioning(nn.initializers.zeros, self.axes[n_in:]),
+        tuple(self.features),
+        self.param_dtype,
+      )
+      y = y + bias.astype(self.dtype)
+    return y
+
+
 def dense(
-    features: int | tuple[int, ...],
-    axes: tuple[str | None, ...],
-    *,
-    axis: int | tuple[int, ...] = -1,
-    use_bias: bool = True,
-    dtype: Dtype = jnp.float32,
-    param_dtype: Dtype = jnp.float32,
-    name: str,
-) -> nn.DenseGeneral:
-  """``nn.DenseGeneral`` whose kernel is named ``axes`` (input axes, then output axes)."""
-  n_out = 1 if isinstance(features, int) else len(features)
-  return nn.DenseGeneral(
-      features,
-      axis=axis,
-      use_bias=use_bias,
-      dtype=dtype,
-      param_dtype=param_dtype,
-      kernel_init=nn.with_logical_partitioning(default_kernel_init, axes),
-      bias_init=nn.with_logical_partitioning(nn.initializers.zeros, axes[-n_out:]),
-      name=name,
-  )
+  features: int | tuple[int, ...],
+  axes: tuple[str | None, ...],
+  *,
+  contract: int = 1,
+  use_bias: bool = True,
+  dtype: Dtype = jnp.float32,
+  param_dtype: Dtype = jnp.float32,
+  name: str,
+) -> DenseGeneral:
+  """A ``DenseGeneral`` whose kernel dims are named ``axes`` (inputs, then outputs)."""
+  features = (features,) if isinstance(features, int) else tuple(features)
+  return DenseGeneral(features, tuple(axes), contract, use_bias, dtype, param_dtype, name=name)
 
 
-def layer_norm(*, dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32, name: str) -> nn.LayerNorm:
+def layer_norm(
+  *, dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32, name: str
+) -> nn.LayerNorm:
   return nn.LayerNorm(
-      epsilon=1e-6,
-      dtype=dtype,
-      param_dtype=param_dtype,
-      scale_init=nn.with_logical_partitioning(nn.initializers.ones, (NORM,)),
-      bias_init=nn.with_logical_partitioning(nn.initializers.zeros, (NORM,)),
-      name=name,
+    epsilon=1e-6,
+    dtype=dtype,
+    param_dtype=param_dtype,
+    scale_init=nn.with_logical_partitioning(nn.initializers.ones, (NORM,)),
+    bias_init=nn.with_logical_partitioning(nn.initializers.zeros, (NORM,)),
+    name=name,
   )
 
 
-def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None) -> jax.Array:
+def dot_product_attention(
+  q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None
+) -> jax.Array:
   """Softmax attention with float32 logits.
 
   Args:
@@ -119,7 +156,9 @@ def _to_windows(x: jax.Array, grid: tuple[int, int], window: int, kind: str) -> 
   return x.reshape(-1, p * p, n, d)
 
 
-def _from_windows(x: jax.Array, batch: int, grid: tuple[int, int], window: int, kind: str) -> jax.Array:
+def _from_windows(
+  x: jax.Array, batch: int, grid: tuple[int, int], window: int, kind: str
+) -> jax.Array:
   """Inverse of ``_to_windows``: [B*G, S, N, H] -> [B, h*w, N, H]."""
   h, w = grid
   p = window
@@ -132,7 +171,7 @@ def _from_windows(x: jax.Array, batch: int, grid: tuple[int, int], window: int, 
 
 
 def multi_axis_attention(
-    q: jax.Array, k: jax.Array, v: jax.Array, grid: tuple[int, int], window: int
+  q: jax.Array, k: jax.Array, v: jax.Array, grid: tuple[int, int], window: int
 ) -> jax.Array:
   """Block attention on the first half of the heads, grid attention on the second.
 
@@ -171,15 +210,15 @@ class Attention(nn.Module):
     if self.kind == "multi_axis":
       if self.grid is None or self.num_heads % 2:
         raise ValueError(
-            f"multi-axis attention needs a grid and an even number of heads; got grid={self.grid}, "
-            f"num_heads={self.num_heads}"
+          f"multi-axis attention needs a grid and an even number of heads; got grid={self.grid}, "
+          f"num_heads={self.num_heads}"
         )
       if self.grid[0] % self.window or self.grid[1] % self.window:
         raise ValueError(f"multi-axis window {self.window} must divide the token grid {self.grid}")
 
   @nn.compact
   def __call__(
-      self, x: jax.Array, memory: jax.Array | None = None, memory_mask: jax.Array | None = None
+    self, x: jax.Array, memory: jax.Array | None = None, memory_mask: jax.Array | None = None
   ) -> jax.Array:
     """Attends from ``x`` [B, L, D] to itself or to ``memory`` [B, S, D] (mask [B, S])."""
     width = x.shape[-1]
@@ -187,7 +226,10 @@ class Attention(nn.Module):
     heads = (self.num_heads, self.head_dim)
     source = x if memory is None else memory
     q = dense(heads, (EMBED, HEADS, HEAD_DIM), name="query", **proj)(x)  # [B, L, N, H]
-    k = dense(heads, (EMBED, HEADS, HEAD_DIM), name="key", **proj)(source)  # [B, S, N, H]
+    # No key bias: it adds q·b to all logits of a query alike, which softmax ignores, so
+    # its gradient is pure rounding noise (that Adafactor would normalise into updates).
+    key_proj = dict(proj, use_bias=False)
+    k = dense(heads, (EMBED, HEADS, HEAD_DIM), name="key", **key_proj)(source)  # [B, S, N, H]
     v = dense(heads, (EMBED, HEADS, HEAD_DIM), name="value", **proj)(source)
     q = constrain(q, (BATCH, LENGTH, HEADS, HEAD_DIM))
     k = constrain(k, (BATCH, KV_LENGTH, HEADS, HEAD_DIM))
@@ -197,7 +239,7 @@ class Attention(nn.Module):
     else:
       out = dot_product_attention(q, k, v, memory_mask)
     out = constrain(out, (BATCH, LENGTH, HEADS, HEAD_DIM))
-    return dense(width, (HEADS, HEAD_DIM, EMBED), axis=(-2, -1), name="out", **proj)(out)
+    return dense(width, (HEADS, HEAD_DIM, EMBED), contract=2, name="out", **proj)(out)
 
 
 class Mlp(nn.Module):
@@ -238,14 +280,16 @@ class TransformerBlock(nn.Module):
 
   @nn.compact
   def __call__(
-      self, x: jax.Array, memory: jax.Array | None = None, memory_mask: jax.Array | None = None
+    self, x: jax.Array, memory: jax.Array | None = None, memory_mask: jax.Array | None = None
   ) -> tuple[jax.Array, None]:
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     attn = dict(num_heads=self.num_heads, head_dim=self.head_dim, **kw)
     drop = lambda y: nn.Dropout(self.dropout_rate, deterministic=self.deterministic)(y)
     x = constrain(x, (BATCH, LENGTH, EMBED))  # [B, L, D]
     h = layer_norm(name="norm_self", **kw)(x)
-    h = Attention(kind=self.attention, grid=self.grid, window=self.window, name="self_attention", **attn)(h)
+    h = Attention(
+      kind=self.attention, grid=self.grid, window=self.window, name="self_attention", **attn
+    )(h)
     x = x + drop(h)
     if self.cross_attention:
       if memory is None:
@@ -260,10 +304,10 @@ class TransformerBlock(nn.Module):
 
 
 REMAT_POLICIES = {
-    "none": None,  # Keep every activation (fastest, most memory).
-    "full": jax.checkpoint_policies.nothing_saveable,  # Recompute the whole block.
-    "dots": jax.checkpoint_policies.checkpoint_dots,  # Keep matmul outputs.
-    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # Keep projections.
+  "none": None,  # Keep every activation (fastest, most memory).
+  "full": jax.checkpoint_policies.nothing_saveable,  # Recompute the whole block.
+  "dots": jax.checkpoint_policies.checkpoint_dots,  # Keep matmul outputs.
+  "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # Keep projections.
 }
 
 
@@ -292,34 +336,38 @@ class BlockStack(nn.Module):
 
   @nn.compact
   def __call__(
-      self, x: jax.Array, memory: jax.Array | None = None, memory_mask: jax.Array | None = None
+    self, x: jax.Array, memory: jax.Array | None = None, memory_mask: jax.Array | None = None
   ) -> jax.Array:
     if self.remat_policy not in REMAT_POLICIES:
-      raise ValueError(f"unknown remat policy {self.remat_policy!r}; expected one of {list(REMAT_POLICIES)}")
+      raise ValueError(
+        f"unknown remat policy {self.remat_policy!r}; expected one of {list(REMAT_POLICIES)}"
+      )
     block_cls = TransformerBlock
     if self.remat_policy != "none":
-      block_cls = nn.remat(TransformerBlock, policy=REMAT_POLICIES[self.remat_policy], prevent_cse=not self.scan)
+      block_cls = nn.remat(
+        TransformerBlock, policy=REMAT_POLICIES[self.remat_policy], prevent_cse=not self.scan
+      )
     fields = dict(
-        num_heads=self.num_heads,
-        head_dim=self.head_dim,
-        mlp_dim=self.mlp_dim,
-        cross_attention=self.cross_attention,
-        attention=self.attention,
-        grid=self.grid,
-        window=self.window,
-        dropout_rate=self.dropout_rate,
-        deterministic=self.deterministic,
-        dtype=self.dtype,
-        param_dtype=self.param_dtype,
+      num_heads=self.num_heads,
+      head_dim=self.head_dim,
+      mlp_dim=self.mlp_dim,
+      cross_attention=self.cross_attention,
+      attention=self.attention,
+      grid=self.grid,
+      window=self.window,
+      dropout_rate=self.dropout_rate,
+      deterministic=self.deterministic,
+      dtype=self.dtype,
+      param_dtype=self.param_dtype,
     )
     if self.scan:
       stack = nn.scan(
-          block_cls,
-          variable_axes={"params": 0},
-          split_rngs={"params": True, "dropout": True},
-          in_axes=(nn.broadcast, nn.broadcast),
-          length=self.num_layers,
-          metadata_params={nn.PARTITION_NAME: LAYERS},
+        block_cls,
+        variable_axes={"params": 0},
+        split_rngs={"params": True, "dropout": True},
+        in_axes=(nn.broadcast, nn.broadcast),
+        length=self.num_layers,
+        metadata_params={nn.PARTITION_NAME: LAYERS},
       )
       x, _ = stack(**fields, name="layers")(x, memory, memory_mask)
       return x

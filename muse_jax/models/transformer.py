@@ -35,13 +35,14 @@ import jax.numpy as jnp
 
 from muse_jax.models.layers import BlockStack, Dtype, dense, embed_init, layer_norm
 from muse_jax.partitioning import (
-    BATCH,
-    EMBED,
-    LENGTH,
-    TEXT_EMBED,
-    TEXT_LENGTH,
-    VOCAB,
-    constrain,
+  BATCH,
+  EMBED,
+  LENGTH,
+  MLP,
+  TEXT_EMBED,
+  TEXT_LENGTH,
+  VOCAB,
+  constrain,
 )
 
 _VOCAB_MULTIPLE = 128
@@ -68,16 +69,16 @@ class TokenEmbedding(nn.Module):
     if ids.ndim != 2 or ids.shape[1] != h * w:
       raise ValueError(f"ids must be [B, {h * w}] for a {h}x{w} grid; got shape {ids.shape}")
     table = self.param(
-        "embedding",
-        nn.with_logical_partitioning(embed_init, (VOCAB, EMBED)),
-        (padded_vocab(self.num_ids), self.width),
-        self.param_dtype,
+      "embedding",
+      nn.with_logical_partitioning(embed_init, (VOCAB, EMBED)),
+      (padded_vocab(self.num_ids), self.width),
+      self.param_dtype,
     )
     position = self.param(
-        "position",
-        nn.with_logical_partitioning(embed_init, (LENGTH, EMBED)),
-        (h * w, self.width),
-        self.param_dtype,
+      "position",
+      nn.with_logical_partitioning(embed_init, (LENGTH, EMBED)),
+      (h * w, self.width),
+      self.param_dtype,
     )
     x = jnp.take(table, ids, axis=0) + position[None]  # [B, L, D]
     x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
@@ -111,7 +112,9 @@ class OutputHead(nn.Module):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     width = x.shape[-1]
     x = layer_norm(name="final_norm", **kw)(x)
-    x = nn.gelu(dense(width, (EMBED, EMBED), name="dense", **kw)(x))
+    x = nn.gelu(
+      dense(width, (EMBED, MLP), name="dense", **kw)(x)
+    )  # [B, L, D] (MLP-like axis names)
     x = layer_norm(name="norm", **kw)(x)
     logits = dense(self.vocab_size, (EMBED, VOCAB), name="logits", **kw)(x)  # [B, L, K]
     return constrain(logits.astype(jnp.float32), (BATCH, LENGTH, VOCAB))
@@ -120,13 +123,13 @@ class OutputHead(nn.Module):
 def _check_text(text_emb: jax.Array, text_mask: jax.Array, batch: int) -> None:
   if text_emb.ndim != 3 or text_mask.shape != text_emb.shape[:2] or text_emb.shape[0] != batch:
     raise ValueError(
-        f"text_emb must be [B={batch}, T, Dt] and text_mask [B, T]; got {text_emb.shape} and "
-        f"{text_mask.shape}"
+      f"text_emb must be [B={batch}, T, Dt] and text_mask [B, T]; got {text_emb.shape} and "
+      f"{text_mask.shape}"
     )
 
 
 def _block_flops(
-    length: int, attended: int, memory: int, width: int, mlp: int, cross: bool
+  length: int, attended: int, memory: int, width: int, mlp: int, cross: bool
 ) -> float:
   """Matmul FLOPs of one block's forward pass for one example (2 per multiply-add)."""
   flops = 8 * length * width**2 + 4 * length * attended * width  # self-attention
@@ -167,36 +170,36 @@ class MaskedTransformer(nn.Module):
     if self.width % self.num_heads:
       raise ValueError(f"width {self.width} is not divisible by num_heads {self.num_heads}")
     return BlockStack(
-        num_layers=num_layers,
-        num_heads=self.num_heads,
-        head_dim=self.width // self.num_heads,
-        mlp_dim=self.mlp_dim,
-        cross_attention=cross,
-        attention=attention,
-        grid=grid,
-        window=self.window,
-        dropout_rate=self.dropout_rate,
-        deterministic=not train,
-        scan=self.scan_layers,
-        remat_policy=self.remat_policy,
-        dtype=self.dtype,
-        param_dtype=self.param_dtype,
-        name=name,
+      num_layers=num_layers,
+      num_heads=self.num_heads,
+      head_dim=self.width // self.num_heads,
+      mlp_dim=self.mlp_dim,
+      cross_attention=cross,
+      attention=attention,
+      grid=grid,
+      window=self.window,
+      dropout_rate=self.dropout_rate,
+      deterministic=not train,
+      scan=self.scan_layers,
+      remat_policy=self.remat_policy,
+      dtype=self.dtype,
+      param_dtype=self.param_dtype,
+      name=name,
     )
 
   @nn.compact
   def __call__(
-      self, ids: jax.Array, text_emb: jax.Array, text_mask: jax.Array, *, train: bool = False
+    self, ids: jax.Array, text_emb: jax.Array, text_mask: jax.Array, *, train: bool = False
   ) -> jax.Array:
     """Logits float32 [B, L, K] for ids [B, L] given text [B, T, Dt] and mask [B, T]."""
     _check_text(text_emb, text_mask, ids.shape[0])
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     x = TokenEmbedding(
-        self.vocab_size + 1, self.grid, self.width, self.dropout_rate, name="embed", **kw
+      self.vocab_size + 1, self.grid, self.width, self.dropout_rate, name="embed", **kw
     )(ids, train=train)
     memory = TextProjection(self.width, name="text_proj", **kw)(text_emb)
     x = self._blocks(self.num_layers, True, self.attention, self.grid, train, "blocks")(
-        x, memory, text_mask.astype(bool)
+      x, memory, text_mask.astype(bool)
     )
     return OutputHead(self.vocab_size, name="head", **kw)(x)
 
@@ -228,13 +231,13 @@ class SuperResTransformer(MaskedTransformer):
 
   @nn.compact
   def __call__(
-      self,
-      ids: jax.Array,
-      text_emb: jax.Array,
-      text_mask: jax.Array,
-      low_res_ids: jax.Array | None = None,
-      *,
-      train: bool = False,
+    self,
+    ids: jax.Array,
+    text_emb: jax.Array,
+    text_mask: jax.Array,
+    low_res_ids: jax.Array | None = None,
+    *,
+    train: bool = False,
   ) -> jax.Array:
     """Logits [B, L, K] for high-res ids [B, L] given text and low-res ids [B, l]."""
     if low_res_ids is None:
@@ -244,7 +247,7 @@ class SuperResTransformer(MaskedTransformer):
       raise ValueError(f"low_res_ids batch {low_res_ids.shape[0]} != ids batch {ids.shape[0]}")
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     low = TokenEmbedding(
-        self.low_vocab_size, self.low_grid, self.width, self.dropout_rate, name="low_embed", **kw
+      self.low_vocab_size, self.low_grid, self.width, self.dropout_rate, name="low_embed", **kw
     )(low_res_ids, train=train)
     low = self._blocks(self.num_low_layers, False, "full", self.low_grid, train, "low_encoder")(low)
     text = TextProjection(self.width, name="text_proj", **kw)(text_emb)
@@ -252,10 +255,10 @@ class SuperResTransformer(MaskedTransformer):
     memory = constrain(memory, (BATCH, TEXT_LENGTH, EMBED))
     memory_mask = jnp.concatenate([jnp.ones(low.shape[:2], bool), text_mask.astype(bool)], axis=1)
     x = TokenEmbedding(
-        self.vocab_size + 1, self.grid, self.width, self.dropout_rate, name="embed", **kw
+      self.vocab_size + 1, self.grid, self.width, self.dropout_rate, name="embed", **kw
     )(ids, train=train)
     x = self._blocks(self.num_layers, True, self.attention, self.grid, train, "blocks")(
-        x, memory, memory_mask
+      x, memory, memory_mask
     )
     return OutputHead(self.vocab_size, name="head", **kw)(x)
 

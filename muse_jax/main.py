@@ -17,6 +17,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "Run the demo: masked parallel decoding end to end on this machine.",
   ),
   "make-shapes": ("muse_jax.cli.make_shapes", "Write the synthetic shapes set as a folder."),
+  "encode-text": ("muse_jax.cli.encode_text", "Pre-encode captions with a frozen T5/CLIP text encoder."),
 }
 
 

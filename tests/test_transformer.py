@@ -9,16 +9,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from test_train_transformer import load_config
 
 from muse_jax import losses
 from muse_jax.models.transformer import MaskedTransformer, SuperResTransformer
 from muse_jax.trainers import transformer as trainer
-from test_train_transformer import load_config
 
 
 def _count(config) -> tuple[int, dict[str, int]]:
   params = jax.tree_util.tree_flatten_with_path(
-      jax.tree.map(lambda x: x, trainer.partitioning.unbox_abstract(trainer.abstract_params(config)))
+    jax.tree.map(lambda x: x, trainer.partitioning.unbox_abstract(trainer.abstract_params(config)))
   )[0]
   by_module: dict[str, int] = {}
   for path, leaf in params:
@@ -32,14 +32,14 @@ def _block_params(d, f, layers, cross=True):
 
 
 @pytest.mark.parametrize(
-    "name, paper, tolerance",
-    [
-        # Paper: "632M" and "3B" parameters (§4, Table 4 / 6). 632M: the blocks + text
-        # projection are 635M; the token embedding and the output head add 23M more.
-        ("muse_base_632m", 632e6, 0.05),
-        # "3B" is a rounded figure; 48 x 2048 x 8192 blocks alone are 3.22B.
-        ("muse_base_3b", 3.0e9, 0.10),
-    ],
+  "name, paper, tolerance",
+  [
+    # Paper: "632M" and "3B" parameters (§4, Table 4 / 6). 632M: the blocks + text
+    # projection are 635M; the token embedding and the output head add 23M more.
+    ("muse_base_632m", 632e6, 0.05),
+    # "3B" is a rounded figure; 48 x 2048 x 8192 blocks alone are 3.22B.
+    ("muse_base_3b", 3.0e9, 0.10),
+  ],
 )
 def test_base_parameter_counts(name, paper, tolerance):
   config = load_config(name, None)
@@ -47,7 +47,9 @@ def test_base_parameter_counts(name, paper, tolerance):
   m = config.model
   assert by_module["blocks"] == _block_params(m.width, m.mlp_dim, m.num_layers)
   assert by_module["text_proj"] == config.text.dim * m.width + 3 * m.width
-  assert by_module["head"] == m.width * m.width + m.width * m.vocab_size + m.vocab_size + 5 * m.width
+  assert (
+    by_module["head"] == m.width * m.width + m.width * m.vocab_size + m.vocab_size + 5 * m.width
+  )
   assert abs(total - paper) / paper < tolerance, f"{total / 1e6:.1f}M vs {paper / 1e6:.0f}M"
 
 
@@ -57,7 +59,9 @@ def test_superres_parameter_count():
   config = load_config("muse_superres_512", None)
   total, by_module = _count(config)
   m = config.model
-  assert by_module["low_encoder"] == _block_params(m.width, m.mlp_dim, m.num_low_layers, cross=False)
+  assert by_module["low_encoder"] == _block_params(
+    m.width, m.mlp_dim, m.num_low_layers, cross=False
+  )
   assert by_module["blocks"] == _block_params(m.width, m.mlp_dim, m.num_layers)
   assert 0.75e9 < total < 0.8e9  # 774M
 
@@ -87,7 +91,9 @@ def tiny_superres():
 def _inputs(model, rng, batch=2, t=8, dt=16):
   r = np.random.default_rng(rng)
   ids = r.integers(0, model.vocab_size + 1, (batch, model.length)).astype(np.int32)
-  low = r.integers(0, model.low_vocab_size, (batch, model.low_grid[0] * model.low_grid[1])).astype(np.int32)
+  low = r.integers(0, model.low_vocab_size, (batch, model.low_grid[0] * model.low_grid[1])).astype(
+    np.int32
+  )
   text = r.normal(size=(batch, t, dt)).astype(np.float32)
   mask = np.arange(t)[None] < np.array([[3], [6]])
   return ids, text, mask, low
@@ -103,7 +109,9 @@ def test_superres_conditioning(tiny_superres):
   np.testing.assert_allclose(apply({"params": params}, ids, noisy, mask, low), logits, atol=1e-5)
   # ... real text and low-res ids do.
   assert not np.allclose(apply({"params": params}, ids, text[::-1], mask, low), logits, atol=1e-4)
-  assert not np.allclose(apply({"params": params}, ids, text, mask, (low + 1) % 32), logits, atol=1e-4)
+  assert not np.allclose(
+    apply({"params": params}, ids, text, mask, (low + 1) % 32), logits, atol=1e-4
+  )
   # Examples are independent.
   one = apply({"params": params}, ids[:1], text[:1], mask[:1], low[:1])
   np.testing.assert_allclose(one, logits[:1], atol=1e-5)
@@ -122,14 +130,30 @@ def test_bf16_compute_keeps_float32_params_and_logits(tiny_superres):
 
 
 def test_ids_shape_is_checked():
-  model = MaskedTransformer(vocab_size=16, grid=(4, 4), width=8, num_layers=1, num_heads=2, mlp_dim=8)
+  model = MaskedTransformer(
+    vocab_size=16, grid=(4, 4), width=8, num_layers=1, num_heads=2, mlp_dim=8
+  )
   with pytest.raises(ValueError, match=r"ids must be \[B, 16\]"):
-    model.init(jax.random.key(0), jnp.zeros((1, 15), jnp.int32), jnp.zeros((1, 2, 4)), jnp.ones((1, 2), bool))
+    model.init(
+      jax.random.key(0), jnp.zeros((1, 15), jnp.int32), jnp.zeros((1, 2, 4)), jnp.ones((1, 2), bool)
+    )
 
 
-@pytest.mark.parametrize("cls, attention", [(MaskedTransformer, "full"), (SuperResTransformer, "multi_axis")])
+@pytest.mark.parametrize(
+  "cls, attention", [(MaskedTransformer, "full"), (SuperResTransformer, "multi_axis")]
+)
 def test_forward_flops_match_xla(cls, attention):
-  kw = dict(vocab_size=64, grid=(8, 8), width=64, num_layers=2, num_heads=4, mlp_dim=128, attention=attention, window=4, scan_layers=False)
+  kw = dict(
+    vocab_size=64,
+    grid=(8, 8),
+    width=64,
+    num_layers=2,
+    num_heads=4,
+    mlp_dim=128,
+    attention=attention,
+    window=4,
+    scan_layers=False,
+  )
   args = [jnp.zeros((1, 64), jnp.int32), jnp.zeros((1, 8, 16)), jnp.ones((1, 8), bool)]
   if cls is SuperResTransformer:
     kw.update(low_vocab_size=32, low_grid=(4, 4), num_low_layers=1)
@@ -150,12 +174,16 @@ def test_masked_cross_entropy():
   mask = np.array([[1, 0, 1, 0, 0], [0, 0, 0, 1, 1]], bool)
   log_p = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
   nll = -np.take_along_axis(log_p, targets[..., None], -1)[..., 0]
-  loss, acc = losses.masked_cross_entropy(jnp.asarray(logits), jnp.asarray(targets), jnp.asarray(mask))
+  loss, acc = losses.masked_cross_entropy(
+    jnp.asarray(logits), jnp.asarray(targets), jnp.asarray(mask)
+  )
   np.testing.assert_allclose(loss, nll[mask].mean(), rtol=1e-5)
   np.testing.assert_allclose(acc, (logits.argmax(-1) == targets)[mask].mean())
   # Unmasked positions carry no loss, whatever their logits.
   changed = np.where(mask[..., None], logits, 1e4 * r.normal(size=logits.shape)).astype(np.float32)
-  np.testing.assert_allclose(losses.masked_cross_entropy(changed, targets, mask)[0], loss, rtol=1e-5)
+  np.testing.assert_allclose(
+    losses.masked_cross_entropy(changed, targets, mask)[0], loss, rtol=1e-5
+  )
   smooth, _ = losses.masked_cross_entropy(logits, targets, mask, label_smoothing=0.1)
   want = (0.9 * nll - 0.1 * log_p.mean(-1))[mask].mean()
   np.testing.assert_allclose(smooth, want, rtol=1e-5)

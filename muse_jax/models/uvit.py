@@ -55,13 +55,10 @@ from muse_jax.models.uvit_blocks import (
 )
 from muse_jax.partitioning import (
   BATCH,
-  CONV_IN,
-  CONV_OUT,
   EMBED,
   LAYERS,
   LENGTH,
-  MLP,
-  SPATIAL,
+  NORM,
   TEXT_EMBED,
   TEXT_LENGTH,
   VOCAB,
@@ -91,9 +88,7 @@ class Resample(nn.Module):
     """x: [B, Y, X, C] -> [B, Y/2, X/2, C] (down) or [B, 2Y, 2X, C] (up)."""
     b, y, w, c = x.shape
     x = RMSNorm(self.eps, self.use_scale, self.dtype, self.param_dtype, name="norm")(x)
-    axes = (
-      (SPATIAL, SPATIAL, CONV_IN, CONV_OUT) if self.down else (CONV_IN, SPATIAL, SPATIAL, CONV_OUT)
-    )
+    axes = (None, None, EMBED, None) if self.down else (EMBED, None, None, None)
     shape = (2, 2, c, c) if self.down else (c, 2, 2, c)
     init = nn.initializers.lecun_normal(in_axis=(0, 1, 2) if self.down else 0, out_axis=-1)
     kernel = self.param("kernel", nn.with_logical_partitioning(init, axes), shape, self.param_dtype)
@@ -106,7 +101,7 @@ class Resample(nn.Module):
     if self.use_bias:
       bias = self.param(
         "bias",
-        nn.with_logical_partitioning(nn.initializers.zeros, (CONV_OUT,)),
+        nn.with_logical_partitioning(nn.initializers.zeros, (NORM,)),
         (c,),
         self.param_dtype,
       )
@@ -248,18 +243,18 @@ class UVit2D(nn.Module):
     eps, affine, bias = self.layer_norm_eps, self.ln_elementwise_affine, self.use_bias
     b = ids.shape[0]
 
-    context = Dense(
-      (self.hidden_size,), (TEXT_EMBED, EMBED), 1, bias, **types, name="encoder_proj"
-    )(encoder_hidden_states)
+    context = Dense((self.hidden_size,), (TEXT_EMBED, None), 1, bias, **types, name="encoder_proj")(
+      encoder_hidden_states
+    )
     context = RMSNorm(eps, affine, **types, name="encoder_proj_norm")(context)
     context = constrain(context, (BATCH, TEXT_LENGTH, EMBED))  # [B, T, D]
 
     micro = timestep_embedding(micro_conds, self.micro_cond_encode_dim).reshape(b, -1)
     cond = jnp.concatenate([pooled_text_emb.astype(jnp.float32), micro], axis=-1)
-    cond = Dense((self.hidden_size,), (TEXT_EMBED, EMBED), 1, bias, **types, name="cond_linear_1")(
+    cond = Dense((self.hidden_size,), (TEXT_EMBED, None), 1, bias, **types, name="cond_linear_1")(
       cond
     )
-    cond = Dense((self.hidden_size,), (MLP, EMBED), 1, bias, **types, name="cond_linear_2")(
+    cond = Dense((self.hidden_size,), (EMBED, None), 1, bias, **types, name="cond_linear_2")(
       nn.silu(cond)
     )
 
@@ -271,7 +266,7 @@ class UVit2D(nn.Module):
     )
     x = jnp.take(table, ids, axis=0)  # [B, h, w, Cin]
     x = RMSNorm(eps, affine, **types, name="embed_norm")(x)
-    x = Dense((self.block_out_channels,), (EMBED, MLP), 1, bias, **types, name="embed_proj")(x)
+    x = Dense((self.block_out_channels,), (EMBED, None), 1, bias, **types, name="embed_proj")(x)
 
     stage = lambda name, down, up: UVitStage(
       self.num_res_blocks,
@@ -291,20 +286,20 @@ class UVit2D(nn.Module):
     _, y, w, c = x.shape
     x = x.reshape(b, y * w, c)
     x = RMSNorm(eps, affine, **types, name="project_to_hidden_norm")(x)
-    x = Dense((self.hidden_size,), (MLP, EMBED), 1, bias, **types, name="project_to_hidden")(x)
+    x = Dense((self.hidden_size,), (EMBED, None), 1, bias, **types, name="project_to_hidden")(x)
     x = constrain(x, (BATCH, LENGTH, EMBED))  # [B, L, D]
     x = self._transformer(x, context, cond, deterministic)
     x = constrain(x, (BATCH, LENGTH, EMBED))
     x = RMSNorm(eps, affine, **types, name="project_from_hidden_norm")(x)
-    x = Dense((c,), (EMBED, MLP), 1, bias, **types, name="project_from_hidden")(x)
+    x = Dense((c,), (EMBED, None), 1, bias, **types, name="project_from_hidden")(x)
     x = x.reshape(b, y, w, c)
 
     x = stage("up_block", False, self.upsample)(x, cond, context, deterministic)
 
-    x = Dense((self.in_channels,), (EMBED, MLP), 1, bias, **types, name="mlm_conv1")(x)
+    x = Dense((self.in_channels,), (EMBED, None), 1, bias, **types, name="mlm_conv1")(x)
     x = RMSNorm(eps, affine, **types, name="mlm_norm")(x)
     logits = Dense((self.codebook_size,), (EMBED, VOCAB), 1, bias, **types, name="mlm_conv2")(x)
-    return constrain(logits.astype(jnp.float32), (BATCH, SPATIAL, SPATIAL, None))  # [B, h, w, K]
+    return constrain(logits.astype(jnp.float32), (BATCH, None, None, None))  # [B, h, w, K]
 
   def _transformer(
     self, x: jax.Array, context: jax.Array, cond: jax.Array, deterministic: bool

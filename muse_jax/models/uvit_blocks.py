@@ -11,6 +11,12 @@ of the GEGLU input projection, scale/shift of each modulation).
 Norms, softmax and GELU are computed in float32 whatever ``dtype`` is; matmuls run
 in ``dtype`` (bfloat16 halves memory traffic on accelerators and on CPUs with
 AVX512-BF16).
+
+Sharding: only head and MLP axes go to ``tensor``; a kernel whose output is a model
+width (D or C) shards its input axis only (EMBED -> ``fsdp``). Sharding such an
+output over ``tensor`` (e.g. the modulations) made XLA's SPMD partitioner (jax
+0.10.2, GSPMD and Shardy alike) return wrong numbers; tests/test_uvit.py keeps a
+minimal reproduction (``test_xla_spmd_miscompile_reproduction``).
 """
 
 from __future__ import annotations
@@ -24,7 +30,7 @@ import jax
 from jax import lax
 import jax.numpy as jnp
 
-from muse_jax.partitioning import EMBED, HEAD_DIM, HEADS, MLP, NORM, SPATIAL
+from muse_jax.partitioning import EMBED, HEAD_DIM, HEADS, MLP, NORM
 
 Dtype = Any
 Initializer = Callable[..., jax.Array]
@@ -170,7 +176,7 @@ class AdaNorm(nn.Module):
     width = x.shape[-1]
     modulation = Dense(
       (2, width),
-      (EMBED, None, MLP),
+      (EMBED, None, None),
       use_bias=self.use_bias,
       dtype=self.dtype,
       param_dtype=self.param_dtype,
@@ -341,7 +347,7 @@ class ConvNextBlock(nn.Module):
     residual = x
     kernel = self.param(
       "depthwise",
-      nn.with_logical_partitioning(nn.initializers.lecun_normal(), (SPATIAL, SPATIAL, None, EMBED)),
+      nn.with_logical_partitioning(nn.initializers.lecun_normal(), (None, None, None, NORM)),
       (3, 3, 1, channels),
       self.param_dtype,
     )
@@ -372,7 +378,7 @@ class ConvNextBlock(nn.Module):
     y = nn.Dropout(self.dropout_rate)(y, deterministic=deterministic)
     y = y.astype(jnp.float32) + residual.astype(jnp.float32)
     modulation = Dense(
-      (2, channels), (EMBED, None, MLP), 1, self.use_bias, **types, name="modulation"
+      (2, channels), (EMBED, None, None), 1, self.use_bias, **types, name="modulation"
     )(nn.silu(cond)).astype(jnp.float32)[:, None, None]  # [B, 1, 1, 2, C]: scale, shift
     return (y * (1.0 + modulation[..., 0, :]) + modulation[..., 1, :]).astype(self.dtype)
 
@@ -402,7 +408,7 @@ class BlockAttention(nn.Module):
       )
     types = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     if context.shape[-1] != channels:
-      context = Dense((channels,), (EMBED, MLP), 1, self.use_bias, **types, name="kv_mapper")(
+      context = Dense((channels,), (EMBED, None), 1, self.use_bias, **types, name="kv_mapper")(
         nn.silu(context)
       )
     for i in (1, 2):

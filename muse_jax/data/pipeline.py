@@ -1,0 +1,382 @@
+"""The grain input pipeline: what every trainer reads.
+
+    it = make_iterator(config.data, batch_size=per_host_batch, seed=config.seed)
+    batch = next(it)  # {"image": float32 [B, R, R, 3] in [-1, 1], "caption": str [B], "key": str [B]}
+    it.stats()  # {"examples": ..., "skipped/corrupt_image": ..., "converted/cmyk": ..., ...}
+    state = it.get_state()  # JSON-able; saved in the trainer's checkpoint
+    it.set_state(state)  # resumes with the next unseen example
+
+Stages (each host runs its own copy): this host's part of the source (`sources.make_source`:
+disjoint parts, together complete) -> grain's global shuffle, a new order each epoch
+(a Feistel permutation of indices: no buffer, no memory) -> repeat -> per-example decode,
+RGB conversion, resize and crop (`transforms`), each example drawing its randomness from
+(seed, host, position in the stream) -> read threads with prefetch -> skip bad examples
+and batch -> worker processes.
+
+Bad examples are dropped in the batcher, which fills each batch with the next good ones
+and sums the events of every example it consumed into the batch; `DataIterator` pops the
+sum and keeps running totals. The counts therefore stay right with any number of worker
+processes, and being part of the iterator state, they survive a restart. Because the whole
+pipeline is a deterministic function of the stream position, `get_state()` is grain's
+position (per worker) and a restored job yields exactly what the interrupted one would
+have yielded next.
+
+Pre-encoded sources (`muse-jax preencode`) give instead {"ids_<tokenizer>": int32 [B, h, w]
+per tokenizer, "text_emb": bfloat16 [B, T, D], "text_mask": bool [B, T], "text_pooled":
+bfloat16 [B, P] when stored, "caption", "key"}.
+"""
+
+from collections.abc import Callable, Iterator
+import dataclasses
+from typing import Any
+
+from absl import flags, logging
+import grain
+import ml_collections
+from ml_collections import config_dict
+import numpy as np
+
+from muse_jax.data import records, sources, transforms
+from muse_jax.data.transforms import EVENTS, EVENTS_KEY, SKIP
+
+STATE_VERSION = 1
+
+
+def default_data_config() -> ml_collections.ConfigDict:
+  """Every data knob; trainer configs embed it as `config.data` and override fields."""
+  c = ml_collections.ConfigDict()
+  c.source = "shapes"  # "folder", "tar", "tfds", "preencoded" or "shapes"
+  c.folder = dict(
+    path="",  # folder of images (local or gs://)
+    captions="",  # captions .jsonl / .csv ("" = captions.jsonl|csv in the folder, else sidecar .txt)
+  )
+  c.tar = dict(
+    paths="",  # comma-separated globs / {000..999} ranges of .tar shards
+    index_dir="",  # cache of shard indices ("" = rebuild at every start)
+    image_extensions=("jpg", "jpeg", "png", "webp"),  # in order of preference
+    caption_extensions=("txt", "json"),
+  )
+  c.tfds = dict(
+    name="",  # e.g. "coco_captions", prepared in array_record format
+    data_dir="",  # "" = TFDS's default
+    builder_dir="",  # or the prepared folder itself, instead of name
+    split="train",
+    image_feature="image",
+    caption_feature="caption",  # e.g. "captions/text" for coco_captions
+  )
+  c.preencoded = dict(
+    path="",  # output folder of `muse-jax preencode`
+    features=(),  # ids features to read, e.g. ("ids_256",); () = all
+    text_length=0,  # T to pad / cut text to (0 = the length recorded at pre-encoding)
+  )
+  c.shapes = dict(
+    size=0,  # canvas side (0 = resolution)
+    seed=0,
+    split="train",  # "train", "heldout" or "all"
+    forms=dict(single=1.0, count=1.0, relation=1.0),  # caption forms and weights
+    held_out=(),  # "colour shape" pairs never drawn in train, e.g. ("purple triangle",)
+  )
+  c.resolution = 256  # side of the square crop
+  c.crop = "random"  # "random" (training) or "center"
+  c.min_image_fraction = 0.5  # shorter sides below this x resolution are skipped, others upscaled
+  c.max_image_pixels = 178_956_970  # larger images are skipped (decompression bombs)
+  c.output = "float32"  # "float32" in [-1, 1] or "uint8" (4x less host memory and transfer)
+  c.allow_empty_captions = False
+  c.seed = 0  # shuffle and crop seed (make_iterator's seed argument overrides it)
+  c.shuffle = True
+  c.num_epochs = config_dict.placeholder(int)  # None = repeat forever
+  c.drop_remainder = True  # the last, smaller batch of a finite run is dropped
+  c.num_workers = 0  # worker processes (0 = decode in this process's threads)
+  c.worker_buffer_size = 2  # batches buffered per worker
+  c.num_threads = 16  # read / decode threads per process
+  c.prefetch_buffer_size = 256  # examples read ahead per process
+  c.read_retries = 3  # I/O retries before an example is skipped as unreadable
+  return c
+
+
+# ----------------------------------------------------------------------------- transforms
+
+
+@dataclasses.dataclass(frozen=True)
+class PreencodedTransform:
+  """Unpacks a pre-encoded record; pads its text to `text_length`."""
+
+  text_length: int  # T
+  features: tuple[str, ...] = ()  # ids features to keep ("ids_256", ...); () = all
+
+  def __call__(self, raw: dict, rng: np.random.Generator) -> dict:
+    del rng  # nothing random here
+    if raw.get("error"):
+      return transforms.skipped(raw["error"])
+    try:
+      record = records.unpack(raw["record"])
+      ids = {k: v for k, v in record.items() if k.startswith("ids_")}
+      if self.features:
+        ids = {k: ids[k] for k in self.features}
+      emb, mask = record["text_emb"], record["text_mask"]
+    except (ValueError, KeyError):
+      return transforms.skipped("bad_record")
+    t = min(len(mask), self.text_length)
+    text_emb = np.zeros((self.text_length, emb.shape[-1]), emb.dtype)
+    text_emb[:t] = emb[:t]
+    text_mask = np.zeros((self.text_length,), bool)
+    text_mask[:t] = mask[:t]
+    out = {k: v.astype(np.int32) for k, v in ids.items()}
+    out.update(text_emb=text_emb, text_mask=text_mask)
+    if "text_pooled" in record:
+      out["text_pooled"] = np.array(record["text_pooled"])
+    out.update(caption=record.get("caption", ""), key=record.get("key", raw["key"]))
+    out[EVENTS_KEY] = []
+    return out
+
+
+def make_transform(
+  config: ml_collections.ConfigDict, source: Any
+) -> Callable[[dict, np.random.Generator], dict]:
+  """The per-example transform for the config's source kind."""
+  if config.source == "preencoded":
+    length = config.preencoded.text_length or int(source_metadata(source)["text"]["length"])
+    return PreencodedTransform(length, tuple(config.preencoded.features))
+  return transforms.ImageTransform(
+    resolution=config.resolution,
+    crop=config.crop,
+    min_image_fraction=config.min_image_fraction,
+    max_image_pixels=config.max_image_pixels,
+    output=config.output,
+    allow_empty_captions=config.allow_empty_captions,
+  )
+
+
+def source_metadata(source: Any) -> dict:
+  """The pre-encoding metadata of a (host slice of a) pre-encoded source."""
+  return getattr(source, "source", source).metadata
+
+
+@dataclasses.dataclass(frozen=True)
+class _Process:
+  """Applies the transform with the example's own generator; never raises."""
+
+  transform: Callable[[dict, np.random.Generator], dict]
+  seed: int
+  process_index: int
+
+  def __call__(self, index: int, raw: dict) -> dict:
+    rng = np.random.default_rng([self.seed, self.process_index, index])
+    try:
+      return self.transform(raw, rng)
+    except Exception as e:  # an unforeseen kind of bad data: skip it, count it, say it
+      logging.log_every_n(logging.WARNING, "skipping example %s: %r", 100, raw.get("key"), e)
+      return transforms.skipped("unexpected_error")
+
+
+# ----------------------------------------------------------------------------- batching
+
+
+def collate(examples: list[dict]) -> dict:
+  """Stacks examples: arrays along a new axis, strings into object arrays."""
+  out = {}
+  for key, value in examples[0].items():
+    if key == EVENTS_KEY:
+      continue
+    values = [e[key] for e in examples]
+    out[key] = np.array(values, dtype=object) if isinstance(value, str) else np.stack(values)
+  return out
+
+
+class _SkipAndBatchIterator(grain.DatasetIterator):
+  def __init__(self, parent: grain.DatasetIterator, batch_size: int, drop_remainder: bool):
+    super().__init__(parent)
+    self._batch_size, self._drop_remainder = batch_size, drop_remainder
+
+  def __next__(self) -> dict:
+    examples, events = [], []
+    while len(examples) < self._batch_size:
+      try:
+        example = next(self._parent)
+      except StopIteration:
+        if self._drop_remainder or not examples:
+          raise
+        break
+      events.extend(example[EVENTS_KEY])
+      if SKIP not in example:
+        examples.append(example)
+    batch = collate(examples)
+    batch[EVENTS_KEY] = np.bincount(np.asarray(events, np.int64), minlength=len(EVENTS))
+    return batch
+
+  # A batch is complete when yielded, so the position of the parent is the whole state.
+  def get_state(self) -> dict:
+    return self._parent.get_state()
+
+  def set_state(self, state: dict) -> None:
+    self._parent.set_state(state)
+
+
+class SkipAndBatch(grain.IterDataset):
+  """Drops skipped examples, batches the rest, and sums every consumed example's events."""
+
+  def __init__(self, parent: grain.IterDataset, batch_size: int, drop_remainder: bool = True):
+    super().__init__(parent)
+    if batch_size < 1:
+      raise ValueError(f"batch_size must be positive; got {batch_size}")
+    self._batch_size, self._drop_remainder = batch_size, drop_remainder
+
+  def __iter__(self) -> _SkipAndBatchIterator:
+    return _SkipAndBatchIterator(self._parent.__iter__(), self._batch_size, self._drop_remainder)
+
+
+# ----------------------------------------------------------------------------- the iterator
+
+
+class DataIterator(Iterator[dict]):
+  """Numpy batches with running counts of skipped and converted examples, and a state."""
+
+  def __init__(
+    self,
+    dataset: grain.IterDataset,
+    *,
+    fingerprint: dict,
+    startup_events: dict[str, int] | None = None,
+    postprocess: Callable[[dict], dict] | None = None,
+  ):
+    self._iterator = iter(dataset)
+    self._fingerprint = fingerprint
+    self._postprocess = postprocess
+    self._counts = np.zeros(len(EVENTS), np.int64)
+    for name, n in (startup_events or {}).items():
+      self._counts[transforms.EVENT_INDEX[name]] += n
+    self._examples = 0
+
+  def __next__(self) -> dict:
+    batch = next(self._iterator)
+    self._counts += batch.pop(EVENTS_KEY)
+    self._examples += len(next(iter(batch.values())))
+    return self._postprocess(batch) if self._postprocess else batch
+
+  def stats(self) -> dict[str, int]:
+    """Examples yielded and events met so far on this host (cumulative across restarts)."""
+    skipped = int(
+      sum(n for name, n in zip(EVENTS, self._counts, strict=True) if name.startswith("skipped/"))
+    )
+    return {
+      "examples": self._examples,
+      "skipped": skipped,
+      **{name: int(n) for name, n in zip(EVENTS, self._counts, strict=True)},
+    }
+
+  def get_state(self) -> dict:
+    """A JSON-able state: the pipeline's position and the counters."""
+    return {
+      "version": STATE_VERSION,
+      "fingerprint": self._fingerprint,
+      "grain": self._iterator.get_state(),
+      "examples": self._examples,
+      "counts": {name: int(n) for name, n in zip(EVENTS, self._counts, strict=True) if n},
+    }
+
+  def set_state(self, state: dict) -> None:
+    """Continues from a state of `get_state` (of an iterator built the same way).
+
+    Raises:
+      ValueError: the state comes from a differently built pipeline (other source size,
+        batch size, seed, host split or number of workers), naming what differs.
+    """
+    if state.get("version") != STATE_VERSION:
+      raise ValueError(
+        f"data iterator state version {state.get('version')!r}; expected {STATE_VERSION}"
+      )
+    theirs = state["fingerprint"]
+    differ = {k: (theirs.get(k), v) for k, v in self._fingerprint.items() if theirs.get(k) != v}
+    if differ:
+      detail = ", ".join(f"{k}: saved {a!r}, now {b!r}" for k, (a, b) in differ.items())
+      raise ValueError(f"the saved data state belongs to a different pipeline ({detail})")
+    self._iterator.set_state(state["grain"])
+    self._examples = int(state["examples"])
+    self._counts[:] = 0
+    for name, n in state["counts"].items():
+      self._counts[transforms.EVENT_INDEX[name]] = n
+
+  def close(self) -> None:
+    """Stops worker processes, if any."""
+    close = getattr(self._iterator, "close", None)
+    if close is not None:
+      close()
+
+  def __enter__(self) -> "DataIterator":
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.close()
+
+
+def format_stats(stats: dict[str, int]) -> str:
+  """One log line of the non-zero counters."""
+  return ", ".join(f"{k}={v}" for k, v in stats.items() if v and k != "examples") or "no bad data"
+
+
+def _hosts(process_index: int | None, process_count: int | None) -> tuple[int, int]:
+  if process_index is None or process_count is None:
+    import jax  # only when the caller does not say
+
+    process_index = jax.process_index() if process_index is None else process_index
+    process_count = jax.process_count() if process_count is None else process_count
+  return process_index, process_count
+
+
+def make_iterator(
+  config: ml_collections.ConfigDict,
+  *,
+  batch_size: int,
+  seed: int | None = None,
+  process_index: int | None = None,
+  process_count: int | None = None,
+  postprocess: Callable[[dict], dict] | None = None,
+) -> DataIterator:
+  """Builds this host's iterator of numpy batches.
+
+  Args:
+    config: the data config (`default_data_config()`, usually `config.data`).
+    batch_size: examples per batch on this host (the global batch / process count).
+    seed: shuffle and crop seed; default `config.seed`.
+    process_index: this host (default `jax.process_index()`; tests simulate hosts).
+    process_count: number of hosts (default `jax.process_count()`).
+    postprocess: applied to each batch in this process (renaming, reshaping).
+
+  Returns:
+    A `DataIterator`; call `close()` when done if it has worker processes.
+  """
+  process_index, process_count = _hosts(process_index, process_count)
+  seed = config.seed if seed is None else seed
+  source = sources.make_source(config, process_index=process_index, process_count=process_count)
+  ds = grain.MapDataset.source(source)
+  if config.shuffle:
+    ds = ds.shuffle(seed=seed % 2**32)
+  ds = ds.repeat(config.num_epochs)
+  ds = ds.map_with_index(_Process(make_transform(config, source), seed, process_index))
+  read = grain.ReadOptions(
+    num_threads=config.num_threads, prefetch_buffer_size=config.prefetch_buffer_size
+  )
+  batches = SkipAndBatch(ds.to_iter_dataset(read), batch_size, config.drop_remainder)
+  if config.num_workers > 0:
+    if not flags.FLAGS.is_parsed():  # workers read absl flags; a library caller may have none
+      flags.FLAGS.mark_as_parsed()
+    options = grain.MultiprocessingOptions(
+      num_workers=config.num_workers, per_worker_buffer_size=config.worker_buffer_size
+    )
+    batches = batches.mp_prefetch(options)
+  fingerprint = dict(
+    source=config.source,
+    examples=len(source),
+    batch_size=batch_size,
+    seed=seed,
+    shuffle=config.shuffle,
+    process_index=process_index,
+    process_count=process_count,
+    num_workers=config.num_workers,
+  )
+  return DataIterator(
+    batches,
+    fingerprint=fingerprint,
+    startup_events=getattr(source, "startup_events", None),
+    postprocess=postprocess,
+  )

@@ -380,3 +380,94 @@ def make_iterator(
     startup_events=getattr(source, "startup_events", None),
     postprocess=postprocess,
   )
+
+
+# ----------------------------------------------------------------------------- for the trainers
+
+
+def _keep(keys: dict[str, str], flatten: tuple[str, ...] = ()) -> Callable[[dict], dict]:
+  """A postprocess that keeps and renames `keys` (old -> new), flattening some to [B, -1]."""
+
+  def select(batch: dict) -> dict:
+    out = {new: batch[old] for old, new in keys.items()}
+    for key in flatten:
+      out[key] = out[key].reshape(len(out[key]), -1)
+    return out
+
+  return select
+
+
+def image_batches(
+  config: ml_collections.ConfigDict,
+  batch_size: int,
+  *,
+  seed: int | None = None,
+  process_index: int | None = None,
+  process_count: int | None = None,
+) -> DataIterator:
+  """{"image": uint8 [B, R, R, 3]} for the VQGAN trainer (numeric arrays only)."""
+  config = config.copy_and_resolve_references()
+  config.output = "uint8"
+  return make_iterator(
+    config,
+    batch_size=batch_size,
+    seed=seed,
+    process_index=process_index,
+    process_count=process_count,
+    postprocess=_keep({"image": "image"}),
+  )
+
+
+def pre_encoded_batches(
+  path: str,
+  *,
+  batch_size: int,
+  ids_key: str,
+  low_res_ids_key: str | None = None,
+  text_length: int | None = None,
+  seed: int = 0,
+  process_index: int | None = None,
+  process_count: int | None = None,
+  config: ml_collections.ConfigDict | None = None,
+) -> DataIterator:
+  """Pre-encoded shards as the transformer trainer reads them.
+
+  Args:
+    path: output folder of `muse-jax preencode`.
+    batch_size: examples per batch on this host.
+    ids_key: feature of the target ids, e.g. "ids_256".
+    low_res_ids_key: feature of the low-res ids (super-res), e.g. "ids_256" beside "ids_512".
+    text_length: T to pad / cut the text to (default: as pre-encoded).
+    seed: shuffle seed.
+    process_index: this host (default `jax.process_index()`).
+    process_count: number of hosts (default `jax.process_count()`).
+    config: a data config for the other knobs (workers, threads, epochs); default
+      `default_data_config()`.
+
+  Returns:
+    A `DataIterator` of {"ids": int32 [B, L], "low_res_ids": int32 [B, l] (super-res),
+    "text_emb": bfloat16 [B, T, D], "text_mask": bool [B, T], "text_pooled" (if stored)}.
+  """
+  config = (config or default_data_config()).copy_and_resolve_references()
+  config.source = "preencoded"
+  config.preencoded.path = path
+  config.preencoded.features = tuple(k for k in (ids_key, low_res_ids_key) if k)
+  config.preencoded.text_length = text_length or 0
+  keys = {ids_key: "ids", "text_emb": "text_emb", "text_mask": "text_mask"}
+  if low_res_ids_key:
+    keys[low_res_ids_key] = "low_res_ids"
+  if read_preencoded_pooled(path):
+    keys["text_pooled"] = "text_pooled"
+  return make_iterator(
+    config,
+    batch_size=batch_size,
+    seed=seed,
+    process_index=process_index,
+    process_count=process_count,
+    postprocess=_keep(keys, flatten=("ids", "low_res_ids") if low_res_ids_key else ("ids",)),
+  )
+
+
+def read_preencoded_pooled(path: str) -> bool:
+  """Whether pre-encoded records carry a pooled text embedding."""
+  return sources.read_preencoded_metadata(path)["text"].get("pooled_dim") is not None

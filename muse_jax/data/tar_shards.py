@@ -121,7 +121,7 @@ def _load_index(path: str, index_dir: str) -> list[tuple[str, dict[str, Member]]
     cache.parent.mkdir(parents=True, exist_ok=True)
     tmp = cache.parent / f".{cache.name}.tmp{os.getpid()}"
     tmp.write_text(json.dumps(index))
-    tmp.rename(cache)
+    tmp.replace(cache)
   return index
 
 

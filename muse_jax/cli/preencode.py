@@ -1,0 +1,132 @@
+"""Pre-encodes a data source: token ids per VQ tokenizer + text embeddings, to ArrayRecord shards.
+
+Runs the frozen image tokenizer(s) and text encoder over a source once, so that the
+transformer trainer reads ids and embeddings instead of decoding images (paper §2.3, §2.4;
+open-muse measured ~30% less step time). The source is any data config of muse_jax.data
+(--data.*). Each tokenizer is `[NAME@]RESOLUTION=PATH` (a `train-vq` workdir or a diffusers
+VQModel / aMUSEd folder) and writes the feature "ids_NAME" (NAME defaults to the
+resolution). Resumable: finished shards are skipped, so rerun the same command after an
+interruption. On several hosts, run it on each; every host encodes its own part.
+
+  muse-jax preencode --out=gs://BUCKET/cc3m_encoded \
+      --data.source=tar --data.tar.paths='gs://BUCKET/cc3m/{00000..00331}.tar' \
+      --tokenizer=256=gs://BUCKET/vq_f16 --tokenizer=512=gs://BUCKET/vq_f8 \
+      --text_encoder=/models/t5-v1_1-xxl --text_length=128
+"""
+
+from absl import app, flags, logging
+import jax
+import jax.numpy as jnp
+from ml_collections import config_flags
+import numpy as np
+
+from muse_jax import partitioning
+from muse_jax.data import pipeline, preencode, sources
+
+_DATA = config_flags.DEFINE_config_dict(
+  "data", pipeline.default_data_config(), "The source (muse_jax.data config)."
+)
+_OUT = flags.DEFINE_string("out", None, "Output folder (local or gs://).")
+_TOKENIZERS = flags.DEFINE_multi_string(
+  "tokenizer",
+  [],
+  "[NAME@]RESOLUTION=PATH of a VQ tokenizer; repeat for several (e.g. 256=... 512=...).",
+)
+_TEXT_ENCODER = flags.DEFINE_string(
+  "text_encoder", None, "Hugging Face T5 or CLIP text-encoder folder."
+)
+_TEXT_LENGTH = flags.DEFINE_integer(
+  "text_length", 0, "Tokens per caption, T (0 = the tokenizer's maximum)."
+)
+_TEXT_DTYPE = flags.DEFINE_enum(
+  "text_dtype", "bfloat16", ["bfloat16", "float32"], "Text encoder compute dtype."
+)
+_BATCH = flags.DEFINE_integer(
+  "batch_size", 64, "Examples per encoder call (a multiple of the local devices)."
+)
+_PER_SHARD = flags.DEFINE_integer("examples_per_shard", 4096, "Source examples per output shard.")
+_THREADS = flags.DEFINE_integer("num_threads", 16, "Read / decode threads.")
+
+
+def parse_tokenizer(spec: str) -> tuple[str, int, str]:
+  """`[NAME@]RESOLUTION=PATH` -> (name, resolution, path)."""
+  head, sep, path = spec.partition("=")
+  name, _, resolution = head.rpartition("@")
+  if not sep or not path or not resolution.isdigit():
+    raise app.UsageError(
+      f"--tokenizer={spec!r} is not [NAME@]RESOLUTION=PATH, e.g. 256=/ckpt/vq_f16"
+    )
+  return name or resolution, int(resolution), path
+
+
+def image_tokenizer(name: str, resolution: int, path: str, mesh) -> preencode.ImageTokenizer:
+  """A VQ tokenizer whose batch is split over this host's devices."""
+  from muse_jax.trainers.vqgan import load_tokenizer
+
+  tokenizer = load_tokenizer(path)
+  params = jax.device_put(tokenizer.params, partitioning.replicated(mesh))
+  tokenizer = tokenizer._replace(params=params)
+  logging.info("tokenizer %s: %s at %d px", name, path, resolution)
+
+  def encode(images: np.ndarray) -> np.ndarray:  # uint8 [B, R, R, 3] -> ids [B, h, w]
+    return np.asarray(tokenizer.encode(partitioning.shard_batch(images, mesh)))
+
+  return preencode.ImageTokenizer(name, resolution, encode)
+
+
+def text_encoder(path: str, length: int, dtype: str, mesh) -> preencode.TextEncodeFn:
+  from muse_jax.text import TextEncoder
+
+  encoder = TextEncoder.from_pretrained(
+    path, max_length=length or None, dtype=jnp.dtype(dtype), mesh=mesh
+  )
+  logging.info("text encoder: %r", encoder)
+
+  def encode(captions: list[str]) -> tuple:
+    out = encoder.encode(captions)
+    pooled = None if out.pooled is None else np.asarray(out.pooled, np.float32)
+    return np.asarray(out.embeddings, np.float32), np.asarray(out.mask), pooled
+
+  return encode
+
+
+def main(argv: list[str]) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments {argv[1:]}")
+  if not _OUT.value or not _TOKENIZERS.value or not _TEXT_ENCODER.value:
+    raise app.UsageError("--out, at least one --tokenizer and --text_encoder are required")
+  specs = [parse_tokenizer(s) for s in _TOKENIZERS.value]
+  if len({name for name, _, _ in specs}) != len(specs):
+    raise app.UsageError(f"two tokenizers share a name: {specs}; name them NAME@RESOLUTION=PATH")
+  mesh = partitioning.make_mesh(devices=jax.local_devices())
+  if _BATCH.value % mesh.size:
+    raise app.UsageError(
+      f"--batch_size={_BATCH.value} is not a multiple of the {mesh.size} local devices"
+    )
+  data = _DATA.value
+  if data.source in ("preencoded", "shapes"):
+    raise app.UsageError(
+      f"--data.source={data.source!r} cannot be pre-encoded; use folder, tar or tfds"
+    )
+  try:
+    source = sources.make_source(
+      data, process_index=jax.process_index(), process_count=jax.process_count()
+    )
+  except ValueError as e:
+    raise app.UsageError(str(e)) from None
+  tokenizers = [image_tokenizer(name, res, path, mesh) for name, res, path in specs]
+  totals = preencode.preencode(
+    source,
+    _OUT.value,
+    tokenizers=tokenizers,
+    encode_text=text_encoder(_TEXT_ENCODER.value, _TEXT_LENGTH.value, _TEXT_DTYPE.value, mesh),
+    batch_size=_BATCH.value,
+    examples_per_shard=_PER_SHARD.value,
+    process_index=jax.process_index(),
+    process_count=jax.process_count(),
+    min_image_fraction=data.min_image_fraction,
+    num_threads=_THREADS.value,
+    text_length=_TEXT_LENGTH.value,
+    description=repr(source),
+  )
+  print(f"muse-jax preencode: {totals}")

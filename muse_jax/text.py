@@ -117,6 +117,14 @@ class TextEncoder:
       hidden_layer = "final"
     elif hidden_layer is None:
       hidden_layer = -2  # aMUSEd's choice.
+    elif hidden_layer != "final" and not (
+      isinstance(hidden_layer, int)
+      and -self.module.num_layers - 1 <= hidden_layer <= self.module.num_layers
+    ):
+      raise ValueError(
+        f"hidden_layer={hidden_layer!r}; expected 'final' or an index into the "
+        f"{self.module.num_layers + 1} hidden states ({-self.module.num_layers - 1}..{self.module.num_layers})"
+      )
     self.hidden_layer = hidden_layer
     self._batch_shards = 1 if mesh is None else mesh.shape[DATA] * mesh.shape[FSDP]
     self._encode_ids = jax.jit(self.apply)
@@ -129,6 +137,7 @@ class TextEncoder:
     *,
     max_length: int | None = None,
     dtype: Any = jnp.float32,
+    param_dtype: Any = None,
     mesh: jax.sharding.Mesh | None = None,
     rules: Rules | None = None,
     hidden_layer: HiddenLayer = None,
@@ -142,7 +151,9 @@ class TextEncoder:
         ``text_encoder`` folder, or the pipeline root.
       max_length: T, tokens per prompt; default: the tokenizer's ``model_max_length``
         (capped by CLIP's positions), else CLIP's positions or 512 for T5.
-      dtype: compute and parameter dtype, ``jnp.float32`` or ``jnp.bfloat16``.
+      dtype: compute dtype, ``jnp.float32`` or ``jnp.bfloat16``.
+      param_dtype: storage dtype of the parameters; default ``dtype``. (bf16 storage
+        with float32 compute halves the memory and keeps float32 arithmetic.)
       mesh: shard parameters and batches over it; None: the first device.
       rules: logical-to-mesh rules; default ``DEFAULT_RULES``.
       hidden_layer: CLIP: index into transformers' ``hidden_states`` (0 = embeddings,
@@ -156,7 +167,7 @@ class TextEncoder:
     """
     rules = DEFAULT_RULES if rules is None else rules
     model_folder, tok_folder = resolve_folders(folder, tokenizer_folder)
-    checkpoint = open_text_checkpoint(model_folder, dtype=dtype)
+    checkpoint = open_text_checkpoint(model_folder, dtype=dtype, param_dtype=param_dtype)
     tokenizer = Tokenizer.from_folder(tok_folder, checkpoint.family)
     positions = getattr(checkpoint.module, "max_length", None)  # CLIP's position table.
     if max_length is None:
@@ -257,5 +268,6 @@ class TextEncoder:
   def __repr__(self) -> str:
     return (
       f"TextEncoder({self.checkpoint.folder}, family={self.family}, D={self.embed_dim}, "
-      f"T={self.max_length}, dtype={jnp.dtype(self.module.dtype).name}, hidden_layer={self.hidden_layer})"
+      f"T={self.max_length}, dtype={jnp.dtype(self.module.dtype).name}, "
+      f"param_dtype={jnp.dtype(self.module.param_dtype).name}, hidden_layer={self.hidden_layer})"
     )

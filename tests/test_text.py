@@ -1,5 +1,6 @@
 """TextEncoder end to end: tokenization identical to transformers, embeddings, bad input, CLI."""
 
+import json
 import logging
 import pathlib
 import re
@@ -12,7 +13,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from configs import text_encoders
 from muse_jax import text_shards
+from muse_jax.convert.hf_text import module_from_config
 from muse_jax.partitioning import make_mesh
 from muse_jax.text import TextEncoder, concatenate, resolve_folders
 from muse_jax.tokenizer import Tokenizer
@@ -148,6 +151,11 @@ def test_bad_arguments(encoders, fixtures_dir):
     encoder.encode(["a cat", None])
   with pytest.raises(ValueError, match="T5 gives only its final-norm"):
     TextEncoder.from_pretrained(fixtures_dir / "text" / "t5", hidden_layer=-2)
+  with pytest.raises(
+    ValueError,
+    match=r"hidden_layer=5; expected 'final' or an index into the 4 hidden states \(-4..3\)",
+  ):
+    TextEncoder.from_pretrained(fixtures_dir / "text" / "clip", hidden_layer=5)
   with pytest.raises(ValueError, match="max_length=100 exceeds the 77 positions"):
     TextEncoder.from_pretrained(fixtures_dir / "text" / "clip", max_length=100)
 
@@ -227,3 +235,19 @@ def test_cli_reports_a_missing_folder_in_one_line(tmp_path):
     in result.stderr
   )
   assert "Traceback" not in result.stderr
+
+
+def test_configs_describe_the_fixtures_and_every_size(fixtures_dir):
+  for variant in ("tiny_t5", "tiny_clip"):
+    config = text_encoders.get_config(variant)
+    folder = pathlib.Path(config.path)
+    saved = json.loads((folder / "config.json").read_text())
+    for key, value in config.hf_config.items():
+      if key != "architectures":
+        assert saved[key] == value, (variant, key)
+  for variant in ("t5_v1_1_xxl", "flan_t5_base", "t5_11b", "clip_l14", "clip_bigg14"):
+    config = text_encoders.get_config(variant)
+    module = module_from_config(config.hf_config.to_dict())
+    assert module.embed_dim == config.embed_dim
+  with pytest.raises(ValueError, match="unknown variant 't5_xxxl'"):
+    text_encoders.get_config("t5_xxxl")

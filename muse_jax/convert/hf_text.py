@@ -112,8 +112,13 @@ def _linear(shape: tuple[int, ...]) -> Callable[[np.ndarray], np.ndarray]:
   return lambda w: w.T.reshape(shape)
 
 
-def t5_module(config: Mapping[str, Any], dtype: Any = jnp.float32) -> T5Encoder:
-  """The ``T5Encoder`` a T5 / MT5 config.json describes (missing fields: transformers' defaults)."""
+def t5_module(
+  config: Mapping[str, Any], dtype: Any = jnp.float32, param_dtype: Any = None
+) -> T5Encoder:
+  """The ``T5Encoder`` a T5 / MT5 config.json describes (missing fields: transformers' defaults).
+
+  ``dtype`` is the compute dtype, ``param_dtype`` the storage dtype (default: ``dtype``).
+  """
   c = {**_T5_DEFAULTS, **config}
   parts = c["feed_forward_proj"].split("-")
   if len(parts) > 2 or (len(parts) == 2 and parts[0] != "gated"):
@@ -138,7 +143,7 @@ def t5_module(config: Mapping[str, Any], dtype: Any = jnp.float32) -> T5Encoder:
     max_distance=c["relative_attention_max_distance"],
     eps=c["layer_norm_epsilon"],
     dtype=dtype,
-    param_dtype=dtype,
+    param_dtype=dtype if param_dtype is None else param_dtype,
   )
 
 
@@ -182,14 +187,19 @@ def t5_sources(config: Mapping[str, Any], names: set[str]) -> tuple[dict, Callab
 
 
 def clip_module(
-  config: Mapping[str, Any], dtype: Any = jnp.float32, *, projection: bool = True
+  config: Mapping[str, Any],
+  dtype: Any = jnp.float32,
+  param_dtype: Any = None,
+  *,
+  projection: bool = True,
 ) -> CLIPTextTransformer:
   """The ``CLIPTextTransformer`` a CLIP text config describes (missing: transformers' defaults).
 
   Args:
     config: a ``clip_text_model`` config.json, or a CLIPModel's ``text_config`` with the
       top-level ``projection_dim`` added.
-    dtype: compute and parameter dtype.
+    dtype: compute dtype.
+    param_dtype: storage dtype of the parameters (default: ``dtype``).
     projection: whether the model has the text projection (CLIPTextModel has none).
   """
   c = {**_CLIP_DEFAULTS, **config}
@@ -213,7 +223,7 @@ def clip_module(
     eos_token_id=c["eos_token_id"],
     projection_dim=c["projection_dim"] if projection else None,
     dtype=dtype,
-    param_dtype=dtype,
+    param_dtype=dtype if param_dtype is None else param_dtype,
   )
 
 
@@ -269,11 +279,13 @@ def clip_sources(config: Mapping[str, Any], names: set[str]) -> tuple[dict, Call
   return sources, unused
 
 
-def module_from_config(config: Mapping[str, Any], dtype: Any = jnp.float32) -> nn.Module:
+def module_from_config(
+  config: Mapping[str, Any], dtype: Any = jnp.float32, param_dtype: Any = None
+) -> nn.Module:
   """The encoder module a config.json describes, without weights (sizes, eval_shape, benchmarks)."""
   family = FAMILIES.get(config.get("model_type"))
   if family == "t5":
-    return t5_module(config, dtype)
+    return t5_module(config, dtype, param_dtype)
   if family == "clip":
     if config["model_type"] == "clip":
       config = {
@@ -281,7 +293,7 @@ def module_from_config(config: Mapping[str, Any], dtype: Any = jnp.float32) -> n
         "projection_dim": config.get("projection_dim", 512),
       }
     projection = any(a != "CLIPTextModel" for a in config.get("architectures") or ["CLIPModel"])
-    return clip_module(config, dtype, projection=projection)
+    return clip_module(config, dtype, param_dtype, projection=projection)
   raise ValueError(
     f"model_type={config.get('model_type')!r} is not a supported text encoder; expected one of {sorted(FAMILIES)}"
   )
@@ -301,12 +313,15 @@ def _check_weights_present(folder: pathlib.Path) -> None:
   )
 
 
-def open_text_checkpoint(folder: PathLike, *, dtype: Any = jnp.float32) -> TextCheckpoint:
+def open_text_checkpoint(
+  folder: PathLike, *, dtype: Any = jnp.float32, param_dtype: Any = None
+) -> TextCheckpoint:
   """Reads a text-encoder folder's config.json and safetensors header(s); no weights yet.
 
   Args:
     folder: a transformers model folder (config.json + safetensors).
-    dtype: compute and parameter dtype of the module (float32 or bfloat16).
+    dtype: compute dtype of the module (float32 or bfloat16).
+    param_dtype: storage dtype of the parameters (default: ``dtype``).
 
   Returns:
     A ``TextCheckpoint`` with the module to run and the tensor mapping.
@@ -332,7 +347,7 @@ def open_text_checkpoint(folder: PathLike, *, dtype: Any = jnp.float32) -> TextC
   reader = SafetensorsFolder(folder, stems=("model",))
   names = set(reader)
   if family == "t5":
-    module = t5_module(config, dtype)
+    module = t5_module(config, dtype, param_dtype)
     sources, unused = t5_sources(config, names)
   else:
     if model_type == "clip":  # a full CLIPModel: its text half; the projection size is top-level.
@@ -340,7 +355,7 @@ def open_text_checkpoint(folder: PathLike, *, dtype: Any = jnp.float32) -> TextC
         **config.get("text_config", {}),
         "projection_dim": config.get("projection_dim", 512),
       }
-    module = clip_module(config, dtype, projection="text_projection.weight" in names)
+    module = clip_module(config, dtype, param_dtype, projection="text_projection.weight" in names)
     sources, unused = clip_sources(config, names)
   return TextCheckpoint(folder, family, dict(config), module, sources, unused, reader)
 

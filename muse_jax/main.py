@@ -19,6 +19,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
   "make-shapes": ("muse_jax.cli.make_shapes", "Write the synthetic shapes set as a folder."),
   "preencode": ("muse_jax.cli.preencode", "Pre-encode a data source: VQ token ids + text embeddings."),
   "encode-text": ("muse_jax.cli.encode_text", "Pre-encode captions with a frozen T5/CLIP text encoder."),
+  "train-vq": ("muse_jax.cli.train_vq", "Train a VQGAN image tokenizer (or finetune its decoder)."),
+  "reconstruct": ("muse_jax.cli.reconstruct", "Reconstruct images through a tokenizer; PSNR, codebook usage."),
   "train": ("muse_jax.cli.train", "Train a Muse base or super-res transformer (resumes by itself)."),
   "average-checkpoints": ("muse_jax.cli.average_checkpoints", "Average checkpoints offline (EMA, decay 0.7) into a new one."),
 }

@@ -1,0 +1,635 @@
+"""Trainer of the VQGAN tokenizers (paper §2.2, §2.5, App. A.2) and ``load_tokenizer``.
+
+``train_and_evaluate(config, workdir)`` trains a VQGAN with reconstruction, perceptual
+(LPIPS, weights from a local file), adversarial (StyleGAN2 discriminator; hinge or
+non-saturating), R1 and LeCAM losses plus the quantizer's commitment loss, Adam
+(β 0.9, 0.99) with warmup + cosine for both networks, an EMA of the generator, and
+codebook upkeep (k-means init, dead-code restarts). The step itself is in
+``vqgan_step.py``.
+
+Scale: parameters carry logical axis names and the config's mesh/rules shard them
+(data parallel by default); the state is created or restored directly into its
+shardings; the step is one ``jax.jit`` with explicit shardings and a donated state.
+
+Preemption and failures: orbax checkpoints (``muse_jax.checkpointing``) every
+``ckpt_every`` steps hold the state and the data iterator's state, and a restarted run
+resumes from the latest by itself. A NaN / Inf loss stops the run with the step number;
+nothing is saved from the bad state, so the last good checkpoint is kept.
+
+Decoder finetuning (§2.5): ``finetune.checkpoint`` names a trained tokenizer (our
+workdir or a diffusers VQModel folder); its encoder, quant_conv and codebook are copied
+and frozen while a new (larger) decoder trains on the same losses.
+
+``load_tokenizer(path)`` gives other stages ``(model, params)`` from our workdir (EMA
+params) or from a diffusers VQModel / aMUSEd pipeline folder.
+
+Launch: ``muse-jax train-vq --config configs/vqgan_f16_256.py:tiny --workdir /tmp/vq``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+import functools
+import json
+import math
+import os
+import pathlib
+from typing import Any, NamedTuple
+
+from absl import logging
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import tqdm
+
+from muse_jax import checkpointing, optim, partitioning
+from muse_jax import images as images_lib
+from muse_jax.data import pipeline
+from muse_jax.models.discriminator import StyleGANDiscriminator
+from muse_jax.models.perceptual import LPIPS
+from muse_jax.models.vqgan import VQGAN
+from muse_jax.trainers import common
+from muse_jax.trainers.vqgan_step import (
+  TrainState,
+  kmeans_codebook,
+  make_eval_fn,
+  make_train_step,
+  with_frozen,
+)
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """Every knob with the paper's values where it gives them; configs/ override it."""
+  c = ml_collections.ConfigDict()
+  c.model = dict(
+    channels=(128, 128, 256, 256, 512),  # base 128 x (1, 1, 2, 2, 4): f = 16
+    num_res_blocks=2,  # paper: 2 res blocks per resolution
+    decoder_channels=(),  # () = channels; decoder finetune: (256, 256, 512, 512, 1024)
+    decoder_num_res_blocks=0,  # 0 = num_res_blocks; decoder finetune: 4
+    mid_num_res_blocks=2,
+    mid_attention=False,  # paper: conv only
+    downsample="avgpool",
+    latent_channels=256,
+    embed_dim=0,  # 0 = latent_channels
+    use_quant_conv=False,
+    codebook_size=8192,
+    beta=0.25,
+    l2_normalize=False,
+    codebook_init_scale=1.0,
+    norm_groups=32,
+    input_range=(-1.0, 1.0),
+    dtype="float32",
+  )
+  c.disc = dict(
+    channels=(128, 256, 512, 512, 512, 512), stem_channels=64, mbstd_group=4, dtype="float32"
+  )
+  c.loss = dict(
+    reconstruction="l1",
+    reconstruction_weight=1.0,
+    quantizer_weight=1.0,
+    perceptual_weight=0.05,  # paper
+    perceptual_weights="",  # local LPIPS/VGG16 safetensors; absent -> the loss is off
+    adversarial="hinge",  # or "non_saturating"
+    adversarial_weight=0.1,  # paper
+    disc_start=20_000,  # steps before the GAN terms switch on (our choice)
+    r1_gamma=10.0,
+    r1_every=16,  # lazy R1
+    lecam_weight=0.001,
+    lecam_decay=0.999,
+  )
+  c.codebook = dict(
+    init="random",  # or "kmeans" (on the first batch's latents)
+    restart_every=0,  # steps between dead-code restarts (0: never)
+    dead_fraction=0.03,  # dead: hit less than this fraction of the uniform rate
+    usage_decay=0.99,
+    restart_noise=0.0,
+  )
+  c.finetune = dict(
+    checkpoint="",  # trained tokenizer (workdir / diffusers folder): encoder + codebook frozen
+    copy_decoder=False,  # also start the decoder from it (same decoder shape) instead of afresh
+  )
+  c.data = pipeline.default_data_config()  # folder / tar / tfds / synthetic "shapes"
+  c.data.output = "uint8"  # the step maps uint8 to the model's range on the device
+  c.data.resolution = 256
+  c.train = dict(
+    steps=500_000,
+    batch_size=256,  # paper
+    seed=0,
+    ema_decay=0.999,
+    log_every=100,
+    image_every=5000,  # reconstruction grids in TensorBoard (0: never)
+    eval_every=5000,  # PSNR / usage of the EMA params on a held batch (0: never)
+    eval_batch=16,
+    ckpt_every=5000,
+    keep=3,
+    async_checkpoints=True,
+    distributed="auto",
+  )
+  # Adam (0.9, 0.99), lr 1e-4, wd 1e-4, 10k warmup, cosine (paper App. A.2).
+  c.optim = dict(
+      name="adamw", lr=1e-4, warmup_steps=10_000, schedule="cosine", end_lr_factor=0.0,
+      b1=0.9, b2=0.99, weight_decay=1e-4, grad_clip_norm=0.0, eps=1e-8,
+  )  # fmt: skip
+  c.disc_optim = c.optim.copy_and_resolve_references()
+  c.mesh = dict(shape=dict(data=-1, fsdp=1, tensor=1), num_devices=0, rules=None)
+  return c
+
+
+def make_model(m: ml_collections.ConfigDict) -> VQGAN:
+  return VQGAN(
+    channels=tuple(m.channels),
+    num_res_blocks=m.num_res_blocks,
+    decoder_channels=tuple(m.decoder_channels) or None,
+    decoder_num_res_blocks=m.decoder_num_res_blocks or None,
+    mid_num_res_blocks=m.mid_num_res_blocks,
+    mid_attention=m.mid_attention,
+    downsample=m.downsample,
+    latent_channels=m.latent_channels,
+    embed_dim=m.embed_dim or None,
+    use_quant_conv=m.use_quant_conv,
+    codebook_size=m.codebook_size,
+    beta=m.beta,
+    l2_normalize=m.l2_normalize,
+    codebook_init_scale=m.codebook_init_scale,
+    norm_groups=m.norm_groups,
+    input_range=tuple(float(v) for v in m.input_range),
+    dtype=jnp.dtype(m.dtype),
+  )
+
+
+def make_discriminator(d: ml_collections.ConfigDict) -> StyleGANDiscriminator:
+  return StyleGANDiscriminator(
+    channels=tuple(d.channels),
+    stem_channels=d.stem_channels,
+    mbstd_group=d.mbstd_group,
+    dtype=jnp.dtype(d.dtype),
+  )
+
+
+def _dummy(config: ml_collections.ConfigDict) -> jax.ShapeDtypeStruct:
+  s = config.data.resolution
+  return jnp.zeros((1, s, s, 3), jnp.float32)
+
+
+def load_perceptual(config: ml_collections.ConfigDict) -> tuple[LPIPS | None, Any]:
+  """The LPIPS net and params, or ``(None, None)`` with one warning when off."""
+  L = config.loss
+  if not L.perceptual_weight:
+    return None, None
+  from muse_jax.convert.lpips import load_lpips_params
+
+  path = L.perceptual_weights
+  if not path or not os.path.isfile(path):
+    where = f"no file at {path!r}" if path else "loss.perceptual_weights is empty"
+    logging.warning(
+      "Perceptual loss is OFF (weight %g requested): %s. Expected a local LPIPS/VGG16 safetensors file"
+      " (see muse_jax/convert/lpips.py for how to make one).",
+      L.perceptual_weight,
+      where,
+    )
+    return None, None
+  params, has_lin = load_lpips_params(path)
+  logging.info(
+    "Perceptual loss: LPIPS%s from %s, weight %g.",
+    "" if has_lin else " (no lin heads)",
+    path,
+    L.perceptual_weight,
+  )
+  return LPIPS(use_lin=has_lin), params
+
+
+def mesh_and_rules(
+  config: ml_collections.ConfigDict,
+) -> tuple[jax.sharding.Mesh, partitioning.Rules]:
+  devices = jax.devices()
+  if config.mesh.num_devices:
+    devices = devices[: config.mesh.num_devices]
+  return partitioning.make_mesh(dict(config.mesh.shape), devices), partitioning.rules_from_config(
+    config.mesh.rules
+  )
+
+
+def _optimizers(config, abstract_params):
+  frozen = bool(config.finetune.checkpoint)
+  tx, schedule = optim.make_optimizer(config.optim, config.train.steps)
+  disc_tx, _ = optim.make_optimizer(config.disc_optim, config.train.steps)
+  return with_frozen(tx, abstract_params, frozen), disc_tx, schedule
+
+
+def state_shardings(config, model, disc, tx, disc_tx, mesh, rules) -> tuple[TrainState, TrainState]:
+  """``(abstract_state, shardings)`` of the train state."""
+  x = _dummy(config)
+  boxed = jax.eval_shape(lambda: model.init(jax.random.key(0), x)["params"])
+  dboxed = jax.eval_shape(lambda: disc.init(jax.random.key(0), x)["params"])
+  p_sh = partitioning.logical_shardings(boxed, mesh, rules)
+  d_sh = partitioning.logical_shardings(dboxed, mesh, rules)
+  params, dparams = partitioning.unbox_abstract(boxed), partitioning.unbox_abstract(dboxed)
+  opt, dopt = jax.eval_shape(tx.init, params), jax.eval_shape(disc_tx.init, dparams)
+  rep = partitioning.replicated(mesh)
+  scalar = jax.ShapeDtypeStruct((), jnp.float32)
+  abstract = TrainState(
+    step=jax.ShapeDtypeStruct((), jnp.int32),
+    params=params,
+    ema_params=params,
+    opt_state=opt,
+    disc_params=dparams,
+    disc_opt_state=dopt,
+    lecam={"real": scalar, "fake": scalar},
+    code_usage=jax.ShapeDtypeStruct((model.codebook_size,), jnp.float32),
+  )
+  shardings = TrainState(
+    step=rep,
+    params=p_sh,
+    ema_params=p_sh,
+    opt_state=optim.opt_state_shardings(opt, p_sh),
+    disc_params=d_sh,
+    disc_opt_state=optim.opt_state_shardings(dopt, d_sh),
+    lecam={"real": rep, "fake": rep},
+    code_usage=rep,
+  )
+  return abstract, shardings
+
+
+def init_state(config, model, disc, tx, disc_tx, shardings, base_params=None) -> TrainState:
+  """A fresh state, born on its devices; ``base_params`` overrides the generator's subtrees."""
+  x = _dummy(config)
+
+  def init(rng, base):
+    k1, k2 = jax.random.split(rng)
+    params = nn.meta.unbox(model.init(k1, x)["params"])
+    if base is not None:
+      params = {**params, **base}
+    dparams = nn.meta.unbox(disc.init(k2, x)["params"])
+    k = model.codebook_size
+    return TrainState(
+      step=jnp.zeros([], jnp.int32),
+      params=params,
+      ema_params=params,
+      opt_state=tx.init(params),
+      disc_params=dparams,
+      disc_opt_state=disc_tx.init(dparams),
+      lecam={"real": jnp.zeros([], jnp.float32), "fake": jnp.zeros([], jnp.float32)},
+      code_usage=jnp.zeros((k,), jnp.float32),
+    )
+
+  rng = jax.random.fold_in(jax.random.key(config.train.seed), 0x5EED)
+  state = jax.jit(init, out_shardings=shardings)(rng, base_params)
+  return state.replace(ema_params=_copy(state.params))
+
+
+def _copy(tree: Any) -> Any:
+  """Fresh buffers (params and EMA must not share them: the step donates both)."""
+  return jax.tree.map(lambda x: x.copy(), tree)
+
+
+def _with_shardings(abstract: Any, shardings: Any) -> Any:
+  return jax.tree.map(
+    lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings
+  )
+
+
+def _frozen_subtrees(config, model, abstract_params) -> dict[str, Any]:
+  """Encoder, quant_conv and codebook of ``finetune.checkpoint``, checked against ours."""
+  src = config.finetune.checkpoint
+  other_model, other = load_tokenizer(src)
+  out = {}
+  keys = ["encoder", "quant_conv", "quantize"]
+  if config.finetune.copy_decoder:
+    keys += ["post_quant_conv", "decoder"]
+  for key in keys:
+    if key not in abstract_params:
+      continue
+    if key not in other:
+      raise ValueError(f"finetune.checkpoint {src} has no {key!r} params; our model needs them")
+    want = jax.tree.map(lambda a: tuple(a.shape), abstract_params[key])
+    got = jax.tree.map(lambda a: tuple(a.shape), other[key])
+    if want != got:
+      flat_w, flat_g = (
+        flax.traverse_util.flatten_dict(want, sep="/"),
+        flax.traverse_util.flatten_dict(got, sep="/"),
+      )
+      diff = sorted(k for k in set(flat_w) | set(flat_g) if flat_w.get(k) != flat_g.get(k))[:3]
+      detail = "; ".join(
+        f"{key}/{k}: config {flat_w.get(k)} vs checkpoint {flat_g.get(k)}" for k in diff
+      )
+      raise ValueError(
+        f"finetune.checkpoint {src} does not match the config's {key} (codebook_size "
+        f"{model.codebook_size} vs {other_model.codebook_size}): {detail}"
+      )
+    out[key] = other[key]
+  logging.info("Decoder finetuning: encoder + codebook frozen from %s.", src)
+  return out
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def make_image_batches(
+  config: ml_collections.ConfigDict, local_batch: int
+) -> Iterator[dict[str, np.ndarray]]:
+  """Batches ``{"image": uint8 [b, S, S, 3]}`` with ``get_state`` / ``set_state``."""
+  return pipeline.image_batches(config.data, local_batch)
+
+
+def _restore_data_state(data: Any, extras: dict) -> None:
+  states = extras.get("data")
+  if states is None or not hasattr(data, "set_state"):
+    return
+  if len(states) != jax.process_count():
+    logging.warning("Checkpoint holds data states of %d processes, this job has %d; data restarts.",
+                    len(states), jax.process_count())  # fmt: skip
+    return
+  data.set_state(states[jax.process_index()])
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+def train_and_evaluate(
+  config: ml_collections.ConfigDict,
+  workdir: str | os.PathLike,
+  data: Iterator[dict[str, np.ndarray]] | None = None,
+  eval_images: np.ndarray | None = None,
+) -> TrainState:
+  """Trains (resuming from ``workdir`` if it holds a checkpoint) up to ``train.steps``.
+
+  Args:
+    config: like ``base_config()``.
+    workdir: ``checkpoints/`` and ``tensorboard/`` go here.
+    data: optional iterator of ``{"image": uint8 [b, S, S, 3]}`` local batches (with
+      ``get_state``/``set_state`` for exact resumption); default: ``config.data``.
+    eval_images: optional uint8 [N, S, S, 3] held-out images for PSNR and grids;
+      default: the first batch.
+
+  Returns:
+    The final train state.
+  """
+  common.maybe_initialize_distributed(config.train.distributed)
+  workdir = pathlib.Path(workdir)
+  t = config.train
+  mesh, rules = mesh_and_rules(config)
+  model, disc = make_model(config.model), make_discriminator(config.disc)
+  abstract_params = partitioning.unbox_abstract(
+    jax.eval_shape(lambda: model.init(jax.random.key(0), _dummy(config))["params"])
+  )
+  tx, disc_tx, schedule = _optimizers(config, abstract_params)
+  frozen = bool(config.finetune.checkpoint)
+  if config.finetune.checkpoint.startswith("REQUIRED"):
+    raise ValueError(f"decoder finetuning needs a trained tokenizer: {config.finetune.checkpoint}")
+  local_batch = common.local_batch_size(t.batch_size)
+  batch_devices = mesh.shape[partitioning.DATA] * mesh.shape[partitioning.FSDP]
+  if t.batch_size % batch_devices:
+    raise ValueError(
+      f"train.batch_size {t.batch_size} must split over the {batch_devices} data x fsdp devices"
+    )
+  lpips, lpips_params = load_perceptual(config)
+  writer = common.MetricWriter(workdir / "tensorboard")
+  ckpt = checkpointing.Checkpointer(
+    workdir / "checkpoints", save_every=t.ckpt_every, keep=t.keep, async_save=t.async_checkpoints
+  )
+  ckpt.write_config(config)
+  data = make_image_batches(config, local_batch) if data is None else data
+
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    abstract, shardings = state_shardings(config, model, disc, tx, disc_tx, mesh, rules)
+    restored = ckpt.restore_or_none(_with_shardings(abstract, shardings))
+    first = None
+    if restored is None:
+      base = _frozen_subtrees(config, model, abstract_params) if frozen else None
+      state = init_state(config, model, disc, tx, disc_tx, shardings, base)
+      if config.codebook.init == "kmeans" and not frozen:
+        first = next(data)
+        imgs = common.global_batch(first, mesh)["image"]
+        rng = jax.random.fold_in(jax.random.key(t.seed), 0xC0DE)
+        params = jax.jit(
+          lambda p, x, r: kmeans_codebook(model, p, x, r), out_shardings=shardings.params
+        )(state.params, imgs, rng)
+        state = state.replace(params=params, ema_params=_copy(params))
+        logging.info(
+          "Codebook initialised by k-means on %d latents.",
+          imgs.shape[0] * (imgs.shape[1] // model.downsample_factor) ** 2,
+        )
+    else:
+      state = restored.state
+      _restore_data_state(data, restored.extras)
+    start = int(common.fetch(state.step))
+
+    rep = partitioning.replicated(mesh)
+    batch_sh = {"image": partitioning.batch_sharding(mesh, 4)}
+    lpips_params = jax.device_put(lpips_params, rep) if lpips_params is not None else None
+
+    def compile_step(use_gan):
+      fn = make_train_step(
+        config, model, disc, lpips, tx, disc_tx, schedule, use_gan=use_gan, frozen_encoder=frozen
+      )
+      return jax.jit(
+        fn,
+        in_shardings=(shardings, batch_sh, rep),
+        out_shardings=(shardings, rep),
+        donate_argnums=(0,),
+      )
+
+    steps = {}
+    eval_fn = jax.jit(make_eval_fn(model), in_shardings=(shardings.params, None))
+    if eval_images is None:
+      if first is None:
+        first = next(data)
+      eval_images = np.asarray(first["image"][: t.eval_batch])
+    logging.info(
+      "VQGAN: %.1fM generator / %.1fM discriminator parameters; f=%d, K=%d; mesh %s; batch %d; steps %d -> %d%s.",
+      sum(math.prod(x.shape) for x in jax.tree.leaves(abstract.params)) / 1e6,
+      sum(math.prod(x.shape) for x in jax.tree.leaves(abstract.disc_params)) / 1e6,
+      model.downsample_factor,
+      model.codebook_size,
+      dict(mesh.shape),
+      t.batch_size,
+      start,
+      t.steps,
+      " (decoder finetuning)" if frozen else "",
+    )
+    finite, last_loss = jnp.asarray(True), float("nan")
+    timer = common.StepTimer(start)
+    progress = tqdm.tqdm(
+      total=t.steps, initial=start, disable=jax.process_index() != 0, desc="train-vq", unit="step"
+    )
+    try:
+      for step in range(start + 1, t.steps + 1):
+        if first is not None:
+          local, first = first, None
+        else:
+          local = next(data)
+        _check_batch(local, config)
+        batch = common.global_batch({"image": local["image"]}, mesh)
+        use_gan = config.loss.adversarial_weight > 0 and step - 1 >= config.loss.disc_start
+        if use_gan not in steps:
+          steps[use_gan] = compile_step(use_gan)
+        state, metrics = steps[use_gan](state, batch, lpips_params)
+        finite = finite & jnp.isfinite(metrics["train/loss"])
+        progress.update(1)
+        must_save = ckpt.should_save(step) or step == t.steps
+        if step % t.log_every == 0 or must_save or step == start + 1:
+          values = common.fetch(metrics)
+          last_loss = float(values["train/loss"])
+          if not bool(common.fetch(finite)):
+            ckpt.wait()
+            common.check_finite(
+              step, float("nan"), last_good=ckpt.latest_step(), directory=ckpt.directory
+            )
+          if step % t.log_every == 0:
+            lap = timer.lap(step, tokens_per_step=t.batch_size, flops_per_step=0.0, peak_flops=None)
+            values["perf/step_time_s"] = lap["perf/step_time_s"]
+            values["perf/images_per_s"] = lap["perf/tokens_per_s"]
+            writer.scalars(step, values)
+            progress.set_postfix(loss=f"{last_loss:.4f}", psnr=f"{float(values['train/psnr']):.2f}")
+        if (t.eval_every and step % t.eval_every == 0) or (
+          t.image_every and step % t.image_every == 0
+        ):
+          _evaluate(step, state, eval_fn, eval_images, model, writer, t)
+        if must_save or ckpt.reached_preemption(step):
+          ckpt.save(step, state, {"data": _data_states(data)}, force=True)
+          if ckpt.reached_preemption(step):
+            logging.warning("Preemption announced: saved step %d, exiting.", step)
+            break
+    finally:
+      progress.close()
+      ckpt.close()
+      writer.close()
+  logging.info("Finished at step %d, last loss %.5f.", int(common.fetch(state.step)), last_loss)
+  return state
+
+
+def _data_states(data: Any) -> Any:
+  return common.gather_process_states(data.get_state()) if hasattr(data, "get_state") else None
+
+
+def _check_batch(local: dict[str, np.ndarray], config: ml_collections.ConfigDict) -> None:
+  img = np.asarray(local["image"]) if not hasattr(local["image"], "dtype") else local["image"]
+  s = config.data.resolution
+  if img.dtype != np.uint8 or img.ndim != 4 or tuple(img.shape[1:]) != (s, s, 3):
+    raise ValueError(
+      f"data gave images of shape {tuple(img.shape)} and dtype {img.dtype}; expected uint8 [b, {s}, {s}, 3]"
+      " (data.resolution, data.output='uint8')"
+    )
+
+
+def _evaluate(step, state, eval_fn, eval_images, model, writer, t) -> dict[str, float]:
+  out = common.fetch(eval_fn(state.ema_params, jnp.asarray(eval_images)))
+  ids = np.asarray(out["ids"])
+  used = len(np.unique(ids)) / model.codebook_size
+  values = {"eval/psnr_ema": float(np.mean(out["psnr"])), "eval/codebook_usage_ema": used}
+  writer.scalars(step, values)
+  if t.image_every and step % t.image_every == 0:
+    lo, hi = model.input_range
+    rec = np.clip(np.round((np.asarray(out["recon"]) - lo) / (hi - lo) * 255.0), 0, 255).astype(
+      np.uint8
+    )
+    n = min(8, len(rec))
+    pairs = [im for i in range(n) for im in (np.asarray(eval_images[i]), rec[i])]
+    writer.images(step, {"reconstructions": images_lib.make_grid(pairs, columns=4)})
+  return values
+
+
+# ----------------------------------------------------------------------------- load_tokenizer
+
+
+class Tokenizer(NamedTuple):
+  """A loaded image tokenizer: unpack as ``model, params = load_tokenizer(path)``."""
+
+  model: VQGAN
+  params: Any
+
+  def encode(self, images: np.ndarray | jax.Array) -> jax.Array:
+    """uint8 [B, H, W, 3] (or floats already in ``model.input_range``) -> int32 ids [B, h, w]."""
+    x = jnp.asarray(images)
+    if x.dtype == jnp.uint8:
+      lo, hi = self.model.input_range
+      x = x.astype(jnp.float32) * ((hi - lo) / 255.0) + lo
+    return _encode_jit(self.model, self.params, x)
+
+  def decode(self, ids: np.ndarray | jax.Array) -> np.ndarray:
+    """int ids [B, h, w] -> uint8 images [B, H, W, 3]."""
+    x = _decode_jit(self.model, self.params, jnp.asarray(ids, jnp.int32))
+    lo, hi = self.model.input_range
+    return np.clip(np.round((np.asarray(x) - lo) / (hi - lo) * 255.0), 0, 255).astype(np.uint8)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _encode_jit(model, params, x):
+  return model.apply({"params": params}, x, method=model.encode)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _decode_jit(model, params, ids):
+  return model.apply({"params": params}, ids, method=model.decode)
+
+
+def _vq_folder(path: pathlib.Path) -> pathlib.Path | None:
+  """A diffusers VQModel folder at ``path`` or in its ``vqvae/`` (aMUSEd pipeline) subfolder."""
+  for cand in (path, path / "vqvae"):
+    cfg = cand / "config.json"
+    if cfg.is_file():
+      try:
+        if json.loads(cfg.read_text()).get("_class_name") == "VQModel":
+          return cand
+      except json.JSONDecodeError:
+        continue
+  return None
+
+
+def load_tokenizer(
+  path: str | os.PathLike,
+  *,
+  use_ema: bool = True,
+  step: int | None = None,
+  expect: dict | None = None,
+) -> Tokenizer:
+  """Loads a tokenizer from our training workdir or a diffusers VQModel folder.
+
+  Args:
+    path: a ``train-vq`` workdir (or its ``checkpoints/``), a diffusers ``VQModel``
+      folder, or an aMUSEd pipeline folder (its ``vqvae/``).
+    use_ema: our checkpoints: the EMA params (default) or the raw ones.
+    step: our checkpoints: a step other than the latest.
+    expect: optional VQGAN fields the caller relies on (e.g. ``{"codebook_size": 8192}``);
+      a mismatch is an error naming both values and where they come from.
+
+  Returns:
+    ``Tokenizer(model, params)`` with params on the default device(s).
+  """
+  p = pathlib.Path(path)
+  folder = _vq_folder(p)
+  if folder is not None:
+    from muse_jax.convert.diffusers_vq import load_diffusers_vq
+
+    model, params = load_diffusers_vq(folder, expect=expect, expect_source="the caller")
+    return Tokenizer(model, params)
+  ckpt_dir = p / "checkpoints" if (p / "checkpoints").is_dir() else p
+  cfg_file = ckpt_dir / checkpointing.CONFIG_FILE
+  if not cfg_file.is_file():
+    raise FileNotFoundError(
+      f"{p}: neither a train-vq workdir (no {cfg_file}) nor a diffusers VQModel folder (no config.json"
+      " with _class_name VQModel here or in vqvae/)"
+    )
+  config = ml_collections.ConfigDict(json.loads(cfg_file.read_text()))
+  model = make_model(config.model)
+  for key, want in (expect or {}).items():
+    have = getattr(model, key)
+    if (tuple(have) if isinstance(have, (list, tuple)) else have) != (
+      tuple(want) if isinstance(want, (list, tuple)) else want
+    ):
+      raise ValueError(f"{key} mismatch: the caller expects {want!r} but {cfg_file} has {have!r}")
+  x = jnp.zeros((1, model.downsample_factor, model.downsample_factor, 3), jnp.float32)
+  abstract = partitioning.unbox_abstract(
+    jax.eval_shape(lambda: model.init(jax.random.key(0), x)["params"])
+  )
+  key = "ema_params" if use_ema else "params"
+  with checkpointing.Checkpointer(ckpt_dir, async_save=False) as ckpt:
+    restored = ckpt.restore_or_none({key: abstract}, step=step, partial=True)
+  if restored is None:
+    raise FileNotFoundError(f"{ckpt_dir} holds no checkpoint yet")
+  params = jax.tree.map(jnp.asarray, restored.state[key])
+  logging.info("Loaded tokenizer %s params of step %d from %s.", key, restored.step, ckpt_dir)
+  return Tokenizer(model, params)

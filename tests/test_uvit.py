@@ -84,6 +84,39 @@ def test_full_size_parameter_count_matches_diffusers(name):
   count = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract))
   assert count == reference["num_params"]
   assert abstract["layers"]["ff"]["wi"]["kernel"].shape == (22, 1024, 2, 2816)
+  # Every parameter carries logical axis names (so that it shards by the rules).
+  side = 4 if model.downsample else 2
+  boxed = jax.eval_shape(
+    lambda *a: model.init(jax.random.key(0), *a),
+    jnp.zeros((1, side, side), jnp.int32),
+    jnp.zeros((1, 3, 768)),
+    jnp.zeros((1, 768)),
+    jnp.zeros((1, 5)),
+  )["params"]
+  leaves = jax.tree.leaves(boxed, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
+  assert leaves and all(isinstance(x, nn.LogicallyPartitioned) for x in leaves)
+  assert boxed["layers"]["attn1"]["qkv"]["kernel"].names == (
+    "layers",
+    "embed",
+    None,
+    "heads",
+    "head_dim",
+  )
+
+
+def test_dropout_is_active_only_when_training():
+  cfg = json.loads((AMUSED / "uvit_256" / "config.json").read_text())
+  cfg |= {"hidden_dropout": 0.3, "attention_dropout": 0.3}
+  model = UVit2D(**uvit_kwargs_from_config(cfg))
+  params = load_uvit(AMUSED / "uvit_256")[1]
+  ref = _reference("uvit_256")
+  fn = jax.jit(
+    lambda p, rng, *a: model.apply({"params": p}, *a, deterministic=False, rngs={"dropout": rng})
+  )
+  draws = [np.asarray(fn(params, jax.random.key(i), *(ref[k] for k in INPUTS))) for i in (0, 0, 1)]
+  np.testing.assert_array_equal(draws[0], draws[1])
+  assert np.all(np.isfinite(draws[2])) and np.abs(draws[2] - draws[0]).max() > 1e-2
+  assert np.abs(draws[0] - ref["logits"]).max() > 1e-2
 
 
 def test_scheduler_step_replays_amused():

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from muse_jax import checkpointing, losses, masking
-from muse_jax.trainers import token_batches
+from muse_jax.trainers import common, token_batches
 from muse_jax.trainers import transformer as trainer
 
 CONFIGS = pathlib.Path(__file__).parents[1] / "configs"
@@ -159,3 +159,82 @@ def _tx_and_shardings(c):
   with jax.set_mesh(mesh):
     _, shardings = trainer.state_shardings(c, tx, mesh, rules)
   return tx, shardings
+
+
+def _random_vq_workdir(path):
+  """A tiny VQGAN (K = 64, f16: 64 px <-> 4x4 ids) in the VQ trainer's checkpoint layout."""
+  from muse_jax.trainers import vqgan as vq_trainer
+
+  vq_config = load_config("vqgan_f16_256")
+  model = vq_trainer.make_model(vq_config.model)
+  params = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 16, 16, 3)))["params"]
+  with checkpointing.Checkpointer(path / "checkpoints") as ckpt:
+    ckpt.write_config(vq_config)
+    ckpt.save(1, {"ema_params": trainer.nn.meta.unbox(params)}, force=True)
+  return path
+
+
+def test_trains_resumes_and_samples_on_pre_encoded_shards(tmp_path, monkeypatch):
+  """Shards written by `preencode` (fake tokenizer and text encoder, shapes images);
+  sample grids decoded by a (random) VQGAN."""
+  from muse_jax.data import preencode, shapes, sources
+
+  shapes.write_folder(tmp_path / "images", 12, shapes.ShapesSource(size=32, seed=1), progress=False)
+  data_config = token_batches_data_config(tmp_path / "images")
+  source = sources.make_source(data_config, process_index=0, process_count=1)
+
+  def tokenize(images):  # ids = mean red level of each 8x8 block / 4: [B, 4, 4] in [0, 64)
+    blocks = images[..., 0].reshape(len(images), 4, 8, 4, 8).mean(axis=(2, 4))
+    return (blocks // 4).astype(np.int32)
+
+  def encode_text(captions):  # one row per word: (length, position); T = 6, Dt = 4
+    emb, mask = np.zeros((len(captions), 6, 4), np.float32), np.zeros((len(captions), 6), bool)
+    for i, caption in enumerate(captions):
+      for j, word in enumerate(caption.split()[:6]):
+        emb[i, j, :2], mask[i, j] = (len(word), j), True
+    return emb, mask
+
+  shards = tmp_path / "shards"
+  preencode.preencode(
+    source,
+    shards,
+    tokenizers=[preencode.ImageTokenizer("32", 32, tokenize)],
+    encode_text=encode_text,
+    batch_size=4,
+    examples_per_shard=6,
+    num_threads=1,
+    progress=False,
+  )
+  c = load_config("muse_base_632m")
+  c.model.update(vocab_size=64, grid=(4, 4))
+  c.text.update(length=6, dim=4)
+  c.data.update(source="pre_encoded", path=str(shards), ids_key="ids_32")
+  c.train.update(steps=2, batch_size=4, ckpt_every=1, log_every=1)
+  c.mesh.shape = {"data": 1, "fsdp": 2, "tensor": 4}
+  c.sample.update(every=2, num=2, steps=3, vq_checkpoint=str(_random_vq_workdir(tmp_path / "vq")))
+  images = []
+  monkeypatch.setattr(
+    common.MetricWriter, "images", lambda self, step, values: images.append(values)
+  )
+  uncond_emb, uncond_mask = token_batches.unconditional_text(c)
+  assert uncond_emb.shape == (6, 4) and not uncond_mask.any()  # the empty caption, from uncond.npz
+  trainer.train_and_evaluate(c, tmp_path / "run")
+  (grid,) = images[0].values()
+  assert grid.shape == (2 * 64, 2 * 64, 3) and grid.dtype == np.uint8  # truth row, sample row
+  c.train.steps = 3
+  trainer.train_and_evaluate(c, tmp_path / "run")  # resumes at 2
+  with checkpointing.Checkpointer(tmp_path / "run" / "checkpoints") as ckpt:
+    assert ckpt.latest_step() == 3
+    tree = ckpt.saved_tree()
+    got = ckpt.restore_or_none({"step": tree["step"]}, partial=True)
+  (state,) = got.extras["data"]
+  assert state["examples"] == 12  # 3 steps x 4 examples, continued across the restart
+
+
+def token_batches_data_config(folder):
+  from muse_jax.data import pipeline
+
+  c = pipeline.default_data_config()
+  c.update(source="folder", resolution=32)
+  c.folder.path = str(folder)
+  return c

@@ -19,6 +19,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 import json
 import os
+import sys
 import time
 from typing import Any
 
@@ -134,15 +135,31 @@ def _json_bytes_hook(value: dict) -> Any:
   return value
 
 
+def _summary_writer_class() -> type:
+  """tensorboardX's SummaryWriter, imported without torch.
+
+  tensorboardX imports torch at module level when it is installed, only to accept torch
+  tensors; that costs seconds (and torch) in every JAX job. Hiding torch for the import
+  makes it fall back to numpy, which is all we pass it.
+  """
+  hidden = "torch" not in sys.modules
+  if hidden:
+    sys.modules["torch"] = None  # `import torch` now raises ImportError
+  try:
+    from tensorboardX import SummaryWriter  # heavy: only process 0 writes
+  finally:
+    if hidden:
+      del sys.modules["torch"]
+  return SummaryWriter
+
+
 class MetricWriter:
   """Scalars and images to TensorBoard (process 0 only) and scalars to the log."""
 
   def __init__(self, logdir: str | os.PathLike | None):
     self._writer = None
     if logdir is not None and jax.process_index() == 0:
-      from tensorboardX import SummaryWriter
-
-      self._writer = SummaryWriter(os.fspath(logdir))
+      self._writer = _summary_writer_class()(os.fspath(logdir))
 
   def scalars(self, step: int, values: Mapping[str, float]) -> None:
     values = {k: float(v) for k, v in values.items()}

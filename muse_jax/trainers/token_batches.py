@@ -9,7 +9,8 @@ batch)::
   text_mask    bool  [b, T]      True at real (non-padding) text tokens
 
 ``source="pre_encoded"`` reads the ArrayRecord shards ``muse-jax preencode`` writes,
-through ``muse_jax.data``'s grain pipeline.
+through ``muse_jax.data``'s grain pipeline (the iterator state is grain's; resuming
+continues with the next unseen example).
 
 ``source="synthetic"`` needs no data, VQ model or text encoder: a small, learnable,
 text-conditioned token task for smoke tests, CPU runs and the trainer's tests. It is
@@ -28,8 +29,10 @@ run sees exactly the batches an uninterrupted one would.
 from __future__ import annotations
 
 from collections.abc import Iterator
+import os
 from typing import Any
 
+from etils import epath
 import jax
 import numpy as np
 
@@ -172,15 +175,16 @@ def make_batches(config: Any, *, local_batch: int, superres: bool) -> Any:
 
 
 def _pre_encoded(config: Any, *, local_batch: int, superres: bool) -> Any:
-  """The pre-encoded shards through ``muse_jax.data``'s pipeline, renamed to our keys."""
-  try:
-    from muse_jax.data import pipeline
-  except ImportError as e:
-    raise SystemExit(
-      "data.source='pre_encoded' needs muse_jax.data.pipeline (pre-encoded shards); it is not "
-      f"importable here: {e}"
-    ) from None
+  """The pre-encoded shards through ``muse_jax.data``'s grain pipeline."""
+  from muse_jax.data import pipeline
+
   data = config.data
+  if not data.path:
+    raise ValueError("data.source='pre_encoded' needs data.path (the output of muse-jax preencode)")
+  if superres and not data.low_res_ids_key:
+    raise ValueError("the super-res model needs data.low_res_ids_key (e.g. 'ids_256')")
+  reader = pipeline.default_data_config()
+  reader.num_workers = data.num_workers
   return pipeline.pre_encoded_batches(
     data.path,
     batch_size=local_batch,
@@ -188,27 +192,38 @@ def _pre_encoded(config: Any, *, local_batch: int, superres: bool) -> Any:
     low_res_ids_key=data.low_res_ids_key if superres else None,
     text_length=config.text.length,
     seed=data.seed,
+    config=reader,
   )
 
 
 def unconditional_text(config: Any) -> tuple[np.ndarray, np.ndarray]:
   """The "no text" conditioning used for classifier-free guidance dropout.
 
-  ``data.uncond_path``: an ``.npz`` with ``text_emb`` [T, Dt] and ``text_mask`` [T]
-  (the frozen encoder's output for the empty prompt, written beside pre-encoded
-  shards); otherwise zeros with an all-False mask, which the model sees as "no
+  ``data.uncond_path`` (default: ``uncond.npz`` beside pre-encoded shards): an
+  ``.npz`` with ``text_emb`` [T', Dt] and ``text_mask`` [T'], the frozen encoder's
+  output for the empty prompt, padded or cut to T; otherwise zeros with an
+  all-False mask, which the model sees as "no
   text" (its cross-attention then averages the projected padding uniformly).
   The sampler must use the same conditioning for its unconditional rows.
   """
   t, dt = config.text.length, config.text.dim
-  path = config.data.get("uncond_path", None)
+  path = config.data.get("uncond_path", "")
+  if not path and config.data.source == "pre_encoded":
+    from muse_jax.data.preencode import UNCOND_FILE
+
+    candidate = epath.Path(config.data.path) / UNCOND_FILE
+    path = os.fspath(candidate) if candidate.exists() else ""
   if not path:
     return np.zeros((t, dt), np.float32), np.zeros((t,), bool)
-  with np.load(path) as f:
-    emb, mask = np.asarray(f["text_emb"], np.float32), np.asarray(f["text_mask"], bool)
-  if emb.shape != (t, dt) or mask.shape != (t,):
+  with epath.Path(path).open("rb") as f, np.load(f) as z:
+    emb, mask = np.asarray(z["text_emb"], np.float32), np.asarray(z["text_mask"], bool)
+  if emb.ndim != 2 or emb.shape[1] != dt or mask.shape != emb.shape[:1]:
     raise ValueError(
       f"unconditional embedding in {path} has shapes {emb.shape}, {mask.shape}; the config "
-      f"expects text_emb [{t}, {dt}] and text_mask [{t}]"
+      f"expects text_emb [T, {dt}] and text_mask [T]"
     )
-  return emb, mask
+  # Pad or cut to T, as the pipeline does with every caption.
+  n = min(len(mask), t)
+  out_emb, out_mask = np.zeros((t, dt), np.float32), np.zeros((t,), bool)
+  out_emb[:n], out_mask[:n] = emb[:n], mask[:n]
+  return out_emb, out_mask

@@ -75,7 +75,8 @@ def base_config() -> ml_collections.ConfigDict:
     path="",  # Pre-encoded shards.
     ids_key="ids_256",  # Target-ids feature of the shards.
     low_res_ids_key="",  # Low-res ids feature (super-res).
-    uncond_path="",  # .npz of the empty prompt's text_emb / text_mask ("" = zeros).
+    uncond_path="",  # .npz of the empty prompt's text ("" = uncond.npz by the shards, or zeros).
+    num_workers=0,  # Pre-encoded reading: grain worker processes.
     seed=0,
     num_classes=16,  # Synthetic task only.
     noise=0.1,  # Synthetic task only.
@@ -273,7 +274,6 @@ def make_train_step(
   superres = is_superres(config)
   mask_id = model.mask_id
   grid = tuple(config.model.grid)
-  base_rng = jax.random.key(t.seed)
 
   def loss_fn(params, batch, rng, uncond_emb, uncond_mask):
     k_mask, k_cond, k_dropout = jax.random.split(rng, 3)
@@ -296,7 +296,8 @@ def make_train_step(
     return loss, {"accuracy": accuracy, "mask_rate": jnp.mean(mask.astype(jnp.float32))}
 
   def train_step(state: TrainState, batch, uncond_emb, uncond_mask):
-    rng = jax.random.fold_in(base_rng, state.step)
+    # Built inside the trace (a constant), so lowering for a remote topology works too.
+    rng = jax.random.fold_in(jax.random.key(t.seed), state.step)
     grad_fn = jax.value_and_grad(
       lambda p, b, r: loss_fn(p, b, r, uncond_emb, uncond_mask), has_aux=True
     )
@@ -371,9 +372,11 @@ def train_and_evaluate(
       _restore_data_state(data, restored.extras)
     start = int(common.fetch(state.step))
     replicated = partitioning.replicated(mesh)
+    batch_shardings = _batch_shardings(config, mesh)
+    batch_keys = tuple(batch_shardings)  # The pipeline may yield more (captions, pooled text).
     step_fn = jax.jit(
       make_train_step(config, model, tx, schedule),
-      in_shardings=(shardings, _batch_shardings(config, mesh), replicated, replicated),
+      in_shardings=(shardings, batch_shardings, replicated, replicated),
       out_shardings=(shardings, replicated),
       donate_argnums=(0,),
     )
@@ -403,7 +406,8 @@ def train_and_evaluate(
     )
     try:
       for step in range(start + 1, t.steps + 1):
-        batch = common.global_batch(next(data), mesh)
+        local = next(data)
+        batch = common.global_batch({k: local[k] for k in batch_keys}, mesh)
         state, metrics = step_fn(state, batch, *uncond)
         finite = (
           finite & jnp.isfinite(metrics["train/loss"]) & jnp.isfinite(metrics["train/grad_norm"])

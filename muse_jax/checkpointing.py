@@ -38,6 +38,7 @@ import pathlib
 from typing import Any, NamedTuple
 
 from absl import logging
+from etils import epath
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
@@ -196,8 +197,6 @@ class Checkpointer:
       text = json.dumps(_encode_json(config), indent=2, sort_keys=True, default=repr)
     path = pathlib.Path(os.fspath(self.directory)) / CONFIG_FILE
     if "://" in os.fspath(self.directory):
-      from etils import epath
-
       epath.Path(self.directory, CONFIG_FILE).write_text(text)
       return
     tmp = path.with_suffix(".json.tmp")
@@ -319,7 +318,8 @@ def average_checkpoints(
     source: checkpoint directory of a training run.
     destination: new checkpoint directory; receives one step (the newest averaged
       step) whose state is ``{subtree: averaged}``, so it restores like a training
-      checkpoint with ``partial=True``. Extras record the steps and the decay.
+      checkpoint with ``partial=True``, and the run's ``config.json``. Extras record
+      the steps and the decay.
     decay: EMA decay over checkpoints in step order (paper: 0.7).
     every: average the checkpoints whose step is a multiple of this (paper: 5000).
     subtree: the top-level key of the saved state to average.
@@ -368,6 +368,10 @@ def average_checkpoints(
       {"averaged_steps": steps, "decay": decay, "source": os.fspath(source)},
       force=True,
     )
+  # The run's config travels along, so the averaged checkpoint loads like the run's own.
+  config_file = epath.Path(source) / CONFIG_FILE
+  if config_file.exists() and jax.process_index() == 0:
+    (epath.Path(destination) / CONFIG_FILE).write_text(config_file.read_text())
   logging.info(
     "Averaged %d checkpoints (%s) with decay %g into %s.", len(steps), steps, decay, destination
   )

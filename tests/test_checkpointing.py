@@ -148,6 +148,7 @@ def test_ema_weights():
 def test_average_checkpoints(tmp_path):
   src, dst = tmp_path / "src", tmp_path / "dst"
   with checkpointing.Checkpointer(src, save_every=1, keep=None, async_save=False) as ckpt:
+    ckpt.write_config({"model": {"width": 8}})
     for step in (5, 10, 12, 15):
       ckpt.save(step, _state(float(step)))
   # max_bytes small enough that each leaf is read on its own.
@@ -166,5 +167,6 @@ def test_average_checkpoints(tmp_path):
     got.state["params"]["dense"]["kernel"], np.arange(32.0).reshape(8, 4) + expected, rtol=1e-6
   )
   assert got.extras["averaged_steps"] == [5, 10, 15]
+  assert (dst / "config.json").read_text() == (src / "config.json").read_text()
   with pytest.raises(ValueError, match="every=7"):
     checkpointing.average_checkpoints(src, tmp_path / "none", every=7)

@@ -1,4 +1,4 @@
-"""Average a run's checkpoints offline into a new checkpoint (Muse §2.6, Table 6).
+r"""Average a run's checkpoints offline into a new checkpoint (Muse §2.6, Table 6).
 
 Muse keeps no online EMA: it saves every 5k steps and averages those checkpoints with an
 exponential moving average of decay 0.7, oldest to newest. The result holds only the

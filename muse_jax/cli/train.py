@@ -1,4 +1,4 @@
-"""Train a Muse transformer (base or super-resolution), resuming from WORKDIR if it holds checkpoints.
+r"""Train a Muse transformer (base or super-resolution), resuming from WORKDIR if it holds checkpoints.
 
   muse-jax train --config configs/muse_base_632m.py:tiny --workdir /tmp/muse_tiny
   muse-jax train --config configs/muse_base_3b.py --workdir gs://BUCKET/muse_3b \

@@ -149,6 +149,24 @@ def test_tar_shards_source(tmp_path):
     tar_shards.expand_paths(str(tmp_path / "x.tar.gz"))
 
 
+def test_tar_shards_that_are_broken_are_counted(tmp_path):
+  _tar_shards(tmp_path, 2, 3)
+  whole = (tmp_path / "shard-01.tar").read_bytes()
+  (tmp_path / "shard-01.tar").write_bytes(whole[: len(whole) // 2])  # cut inside example 4
+  (tmp_path / "shard-02.tar").write_bytes(b"no tar at all" * 100)
+  it = pipeline.make_iterator(
+    _config(source="tar", **{"tar.paths": str(tmp_path / "*.tar")}),
+    batch_size=8,
+    process_index=0,
+    process_count=1,
+  )
+  keys = _keys(list(it))
+  stats = it.stats()
+  assert stats["skipped/bad_shard"] == 2 and stats["skipped"] == 2  # cut short, and no tar
+  whole_examples = [f"shard-00.tar/part/{i:05d}" for i in range(3)]
+  assert keys == whole_examples + ["shard-01.tar/part/00003", "shard-01.tar/part/00004"]
+
+
 def test_tfds_array_record_source_without_tensorflow(tmp_path):
   import sys
 

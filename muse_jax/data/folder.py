@@ -135,7 +135,7 @@ class FolderSource:
       record["image"] = common.read_with_retries(path.read_bytes, self.retries)
     except FileNotFoundError:
       return record | {"error": "missing_image"}
-    except OSError:
+    except Exception:  # after the retries, whatever it is: skip and count, never stop
       return record | {"error": "read_error"}
     if self.captions_file:
       record["caption"] = caption

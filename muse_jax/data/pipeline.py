@@ -397,6 +397,40 @@ def _keep(keys: dict[str, str], flatten: tuple[str, ...] = ()) -> Callable[[dict
   return select
 
 
+_PATH_FIELDS = {
+  "folder": "folder.path",
+  "tar": "tar.paths",
+  "tfds": "tfds.name",
+  "preencoded": "preencoded.path",
+}
+
+
+def expand_short_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """A full data config from a full one (copied) or the short form trainers may embed.
+
+  The short form is {source, path, image_size, seed, num_workers} (any subset): `path`
+  goes to the source kind's own field (folder.path, tar.paths, tfds.name, preencoded.path)
+  and `image_size` to `resolution`.
+  """
+  if "resolution" in config:
+    return config.copy_and_resolve_references()
+  full = default_data_config()
+  unknown = set(config.keys()) - {"source", "path", "image_size", "seed", "num_workers"}
+  if unknown:
+    raise ValueError(
+      f"data config keys {sorted(unknown)} are neither a full data config (default_data_config) "
+      "nor its short form {source, path, image_size, seed, num_workers}"
+    )
+  full.source = config.get("source", full.source)
+  full.resolution = config.get("image_size", full.resolution)
+  full.seed = config.get("seed", full.seed)
+  full.num_workers = config.get("num_workers", full.num_workers)
+  if config.get("path") and full.source in _PATH_FIELDS:
+    section, field = _PATH_FIELDS[full.source].split(".")
+    full[section][field] = config.path
+  return full
+
+
 def image_batches(
   config: ml_collections.ConfigDict,
   batch_size: int,
@@ -405,8 +439,16 @@ def image_batches(
   process_index: int | None = None,
   process_count: int | None = None,
 ) -> DataIterator:
-  """{"image": uint8 [B, R, R, 3]} for the VQGAN trainer (numeric arrays only)."""
-  config = config.copy_and_resolve_references()
+  """{"image": uint8 [B, R, R, 3]} for the VQGAN trainer (numeric arrays only).
+
+  Args:
+    config: a data config, or its short form (see `expand_short_config`).
+    batch_size: examples per batch on this host.
+    seed: shuffle and crop seed; default the config's.
+    process_index: this host (default `jax.process_index()`).
+    process_count: number of hosts (default `jax.process_count()`).
+  """
+  config = expand_short_config(config)
   config.output = "uint8"
   return make_iterator(
     config,

@@ -15,7 +15,8 @@ and per-host splits work exactly as for any other source.
 
 Hosts split the shards, not the examples (host p takes shards p, p + P, ...), so that each
 host indexes and reads only its own files. A shard that cannot be indexed is logged and
-counted (`skipped/bad_record` per unreadable shard at start-up), and the job goes on.
+counted (`skipped/bad_shard`, at start-up), and the job goes on; so is a shard that ends
+early, which gives the examples that are whole.
 """
 
 import collections
@@ -84,26 +85,38 @@ def split_key(name: str) -> tuple[str, str]:
   return (f"{directory}/{stem}" if directory else stem), extension.lower()
 
 
-def index_shard(path: str) -> list[tuple[str, dict[str, Member]]]:
-  """Reads a shard's tar headers: [(key, {extension: (offset, size)})] in file order."""
+def index_shard(path: str) -> tuple[list[tuple[str, dict[str, Member]]], bool]:
+  """Reads a shard's tar headers.
+
+  Returns:
+    ([(key, {extension: (offset, size)})] in file order, whether the shard is whole). A
+    shard that ends early gives the members that are whole.
+
+  Raises:
+    tarfile.ReadError: the file is not a tar file.
+  """
   examples: dict[str, dict[str, Member]] = {}
+  whole = True
   with epath.Path(path).open("rb") as f:
     size = f.seek(0, os.SEEK_END)
     f.seek(0)
     try:
       with tarfile.open(fileobj=f, mode="r:") as tar:
         for info in tar:
-          if info.isfile() and info.offset_data + info.size <= size:
+          if info.offset_data + info.size > size:
+            whole = False
+          elif info.isfile():
             key, extension = split_key(info.name)
             examples.setdefault(key, {})[extension] = (info.offset_data, info.size)
-    except tarfile.ReadError as e:
+        # A tar file ends with two zero blocks; without them it was cut at a member boundary.
+        whole = whole and size - tar.offset >= 2 * tarfile.BLOCKSIZE
+    except tarfile.ReadError:
       if not examples:
         raise
-      # A truncated shard: keep the members that are whole.
-      logging.warning(
-        "tar shard %s ends early (%s); using its %d whole examples", path, e, len(examples)
-      )
-  return list(examples.items())
+      whole = False
+  if not whole:
+    logging.warning("tar shard %s ends early; using its %d whole examples", path, len(examples))
+  return list(examples.items()), whole
 
 
 def _cache_file(index_dir: str, path: str) -> epath.Path:
@@ -112,17 +125,19 @@ def _cache_file(index_dir: str, path: str) -> epath.Path:
   return epath.Path(index_dir) / f"{os.path.basename(path)}.{tag}.json"
 
 
-def _load_index(path: str, index_dir: str) -> list[tuple[str, dict[str, Member]]]:
+def _load_index(path: str, index_dir: str) -> tuple[list[tuple[str, dict[str, Member]]], bool]:
   cache = _cache_file(index_dir, path) if index_dir else None
   if cache is not None and cache.exists():
-    return [(k, {e: tuple(m) for e, m in v.items()}) for k, v in json.loads(cache.read_text())]
-  index = index_shard(path)
+    cached = json.loads(cache.read_text())
+    index = [(k, {e: tuple(m) for e, m in v.items()}) for k, v in cached["examples"]]
+    return index, cached["whole"]
+  index, whole = index_shard(path)
   if cache is not None:
     cache.parent.mkdir(parents=True, exist_ok=True)
     tmp = cache.parent / f".{cache.name}.tmp{os.getpid()}"
-    tmp.write_text(json.dumps(index))
+    tmp.write_text(json.dumps({"examples": index, "whole": whole}))
     tmp.replace(cache)
-  return index
+  return index, whole
 
 
 class TarSource:
@@ -163,18 +178,19 @@ class TarSource:
     self.image_extensions = tuple(e.lower() for e in image_extensions)
     self.caption_extensions = tuple(e.lower() for e in caption_extensions)
     self.retries = retries
-    self.unreadable_shards = 0
+    self.bad_shards = 0  # not tar files, or cut short
     self.examples: list[tuple[int, dict[str, Member]]] = []  # (shard number, members)
     self.keys: list[str] = []
     with concurrent.futures.ThreadPoolExecutor(index_threads) as pool:
       futures = [pool.submit(_load_index, p, index_dir) for p in self.shards]
       for shard, (path, future) in enumerate(zip(self.shards, futures, strict=True)):
         try:
-          index = future.result()
+          index, whole = future.result()
         except (OSError, tarfile.TarError) as e:
           logging.warning("skipping tar shard %s: it cannot be read as a tar file (%s)", path, e)
-          self.unreadable_shards += 1
+          self.bad_shards += 1
           continue
+        self.bad_shards += not whole
         for key, members in index:
           self.examples.append((shard, members))
           self.keys.append(key)
@@ -187,7 +203,7 @@ class TarSource:
 
   @property
   def startup_events(self) -> dict[str, int]:
-    return {"skipped/bad_record": self.unreadable_shards} if self.unreadable_shards else {}
+    return {"skipped/bad_shard": self.bad_shards} if self.bad_shards else {}
 
   def __getstate__(self):
     state = self.__dict__.copy()
@@ -240,7 +256,7 @@ class TarSource:
     wanted = {e: members[e] for e in (image, caption) if e is not None}
     try:
       data = common.read_with_retries(lambda: self._read_members(shard, wanted), self.retries)
-    except OSError:
+    except Exception:  # after the retries, whatever it is: skip and count, never stop
       return record | {"error": "read_error"}
     record["image"] = data[image]
     if caption == "json":

@@ -40,6 +40,7 @@ SKIP_REASONS = (
   "empty_caption",  # the caption is empty or only whitespace
   "bad_record",  # a malformed captions row, tar member or pre-encoded record
   "unexpected_error",  # any other failure while decoding (logged with the example's key)
+  "bad_shard",  # a tar shard that is no tar file or ends early (once per shard, at start-up)
 )
 CONVERSIONS = (
   "grayscale",  # L or 1 to RGB

@@ -33,101 +33,25 @@ from typing import Any
 from absl import flags, logging
 import grain
 import ml_collections
-from ml_collections import config_dict
 import numpy as np
 
-from muse_jax.data import records, sources, transforms
-from muse_jax.data.transforms import EVENTS, EVENTS_KEY, SKIP
+from muse_jax.data import sources, transforms
+from muse_jax.data.batching import SkipAndBatch
+from muse_jax.data.config import default_data_config, expand_short_config
+from muse_jax.data.transforms import EVENTS, EVENTS_KEY
 
 STATE_VERSION = 1
 
 
-def default_data_config() -> ml_collections.ConfigDict:
-  """Every data knob; trainer configs embed it as `config.data` and override fields."""
-  c = ml_collections.ConfigDict()
-  c.source = "shapes"  # "folder", "tar", "tfds", "preencoded" or "shapes"
-  c.folder = dict(
-    path="",  # folder of images (local or gs://)
-    captions="",  # captions .jsonl / .csv ("" = captions.jsonl|csv in the folder, else sidecar .txt)
-  )
-  c.tar = dict(
-    paths="",  # comma-separated globs / {000..999} ranges of .tar shards
-    index_dir="",  # cache of shard indices ("" = rebuild at every start)
-    image_extensions=("jpg", "jpeg", "png", "webp"),  # in order of preference
-    caption_extensions=("txt", "json"),
-  )
-  c.tfds = dict(
-    name="",  # e.g. "coco_captions", prepared in array_record format
-    data_dir="",  # "" = TFDS's default
-    builder_dir="",  # or the prepared folder itself, instead of name
-    split="train",
-    image_feature="image",
-    caption_feature="caption",  # e.g. "captions/text" for coco_captions
-  )
-  c.preencoded = dict(
-    path="",  # output folder of `muse-jax preencode`
-    features=(),  # ids features to read, e.g. ("ids_256",); () = all
-    text_length=0,  # T to pad / cut text to (0 = the length recorded at pre-encoding)
-  )
-  c.shapes = dict(
-    size=0,  # canvas side (0 = resolution)
-    seed=0,
-    split="train",  # "train", "heldout" or "all"
-    forms=dict(single=1.0, count=1.0, relation=1.0),  # caption forms and weights
-    held_out=(),  # "colour shape" pairs never drawn in train, e.g. ("purple triangle",)
-  )
-  c.resolution = 256  # side of the square crop
-  c.crop = "random"  # "random" (training) or "center"
-  c.min_image_fraction = 0.5  # shorter sides below this x resolution are skipped, others upscaled
-  c.max_image_pixels = 178_956_970  # larger images are skipped (decompression bombs)
-  c.output = "float32"  # "float32" in [-1, 1] or "uint8" (4x less host memory and transfer)
-  c.allow_empty_captions = False
-  c.seed = 0  # shuffle and crop seed (make_iterator's seed argument overrides it)
-  c.shuffle = True
-  c.num_epochs = config_dict.placeholder(int)  # None = repeat forever
-  c.drop_remainder = True  # the last, smaller batch of a finite run is dropped
-  c.num_workers = 0  # worker processes (0 = decode in this process's threads)
-  c.worker_buffer_size = 2  # batches buffered per worker
-  c.num_threads = 16  # read / decode threads per process
-  c.prefetch_buffer_size = 256  # examples read ahead per process
-  c.read_retries = 3  # I/O retries before an example is skipped as unreadable
-  return c
-
-
-# ----------------------------------------------------------------------------- transforms
-
-
-@dataclasses.dataclass(frozen=True)
-class PreencodedTransform:
-  """Unpacks a pre-encoded record; pads its text to `text_length`."""
-
-  text_length: int  # T
-  features: tuple[str, ...] = ()  # ids features to keep ("ids_256", ...); () = all
-
-  def __call__(self, raw: dict, rng: np.random.Generator) -> dict:
-    del rng  # nothing random here
-    if raw.get("error"):
-      return transforms.skipped(raw["error"])
-    try:
-      record = records.unpack(raw["record"])
-      ids = {k: v for k, v in record.items() if k.startswith("ids_")}
-      if self.features:
-        ids = {k: ids[k] for k in self.features}
-      emb, mask = record["text_emb"], record["text_mask"]
-    except (ValueError, KeyError):
-      return transforms.skipped("bad_record")
-    t = min(len(mask), self.text_length)
-    text_emb = np.zeros((self.text_length, emb.shape[-1]), emb.dtype)
-    text_emb[:t] = emb[:t]
-    text_mask = np.zeros((self.text_length,), bool)
-    text_mask[:t] = mask[:t]
-    out = {k: v.astype(np.int32) for k, v in ids.items()}
-    out.update(text_emb=text_emb, text_mask=text_mask)
-    if "text_pooled" in record:
-      out["text_pooled"] = np.array(record["text_pooled"])
-    out.update(caption=record.get("caption", ""), key=record.get("key", raw["key"]))
-    out[EVENTS_KEY] = []
-    return out
+__all__ = [
+  "DataIterator",
+  "default_data_config",
+  "expand_short_config",
+  "format_stats",
+  "image_batches",
+  "make_iterator",
+  "pre_encoded_batches",
+]
 
 
 def make_transform(
@@ -136,7 +60,7 @@ def make_transform(
   """The per-example transform for the config's source kind."""
   if config.source == "preencoded":
     length = config.preencoded.text_length or int(source_metadata(source)["text"]["length"])
-    return PreencodedTransform(length, tuple(config.preencoded.features))
+    return transforms.PreencodedTransform(length, tuple(config.preencoded.features))
   return transforms.ImageTransform(
     resolution=config.resolution,
     crop=config.crop,
@@ -167,62 +91,6 @@ class _Process:
     except Exception as e:  # an unforeseen kind of bad data: skip it, count it, say it
       logging.log_every_n(logging.WARNING, "skipping example %s: %r", 100, raw.get("key"), e)
       return transforms.skipped("unexpected_error")
-
-
-# ----------------------------------------------------------------------------- batching
-
-
-def collate(examples: list[dict]) -> dict:
-  """Stacks examples: arrays along a new axis, strings into object arrays."""
-  out = {}
-  for key, value in examples[0].items():
-    if key == EVENTS_KEY:
-      continue
-    values = [e[key] for e in examples]
-    out[key] = np.array(values, dtype=object) if isinstance(value, str) else np.stack(values)
-  return out
-
-
-class _SkipAndBatchIterator(grain.DatasetIterator):
-  def __init__(self, parent: grain.DatasetIterator, batch_size: int, drop_remainder: bool):
-    super().__init__(parent)
-    self._batch_size, self._drop_remainder = batch_size, drop_remainder
-
-  def __next__(self) -> dict:
-    examples, events = [], []
-    while len(examples) < self._batch_size:
-      try:
-        example = next(self._parent)
-      except StopIteration:
-        if self._drop_remainder or not examples:
-          raise
-        break
-      events.extend(example[EVENTS_KEY])
-      if SKIP not in example:
-        examples.append(example)
-    batch = collate(examples)
-    batch[EVENTS_KEY] = np.bincount(np.asarray(events, np.int64), minlength=len(EVENTS))
-    return batch
-
-  # A batch is complete when yielded, so the position of the parent is the whole state.
-  def get_state(self) -> dict:
-    return self._parent.get_state()
-
-  def set_state(self, state: dict) -> None:
-    self._parent.set_state(state)
-
-
-class SkipAndBatch(grain.IterDataset):
-  """Drops skipped examples, batches the rest, and sums every consumed example's events."""
-
-  def __init__(self, parent: grain.IterDataset, batch_size: int, drop_remainder: bool = True):
-    super().__init__(parent)
-    if batch_size < 1:
-      raise ValueError(f"batch_size must be positive; got {batch_size}")
-    self._batch_size, self._drop_remainder = batch_size, drop_remainder
-
-  def __iter__(self) -> _SkipAndBatchIterator:
-    return _SkipAndBatchIterator(self._parent.__iter__(), self._batch_size, self._drop_remainder)
 
 
 # ----------------------------------------------------------------------------- the iterator
@@ -395,40 +263,6 @@ def _keep(keys: dict[str, str], flatten: tuple[str, ...] = ()) -> Callable[[dict
     return out
 
   return select
-
-
-_PATH_FIELDS = {
-  "folder": "folder.path",
-  "tar": "tar.paths",
-  "tfds": "tfds.name",
-  "preencoded": "preencoded.path",
-}
-
-
-def expand_short_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """A full data config from a full one (copied) or the short form trainers may embed.
-
-  The short form is {source, path, image_size, seed, num_workers} (any subset): `path`
-  goes to the source kind's own field (folder.path, tar.paths, tfds.name, preencoded.path)
-  and `image_size` to `resolution`.
-  """
-  if "resolution" in config:
-    return config.copy_and_resolve_references()
-  full = default_data_config()
-  unknown = set(config.keys()) - {"source", "path", "image_size", "seed", "num_workers"}
-  if unknown:
-    raise ValueError(
-      f"data config keys {sorted(unknown)} are neither a full data config (default_data_config) "
-      "nor its short form {source, path, image_size, seed, num_workers}"
-    )
-  full.source = config.get("source", full.source)
-  full.resolution = config.get("image_size", full.resolution)
-  full.seed = config.get("seed", full.seed)
-  full.num_workers = config.get("num_workers", full.num_workers)
-  if config.get("path") and full.source in _PATH_FIELDS:
-    section, field = _PATH_FIELDS[full.source].split(".")
-    full[section][field] = config.path
-  return full
 
 
 def image_batches(

@@ -1,5 +1,7 @@
 """Per-example decoding: bytes to an RGB crop and a caption, and every way that can go wrong.
 
+(`PreencodedTransform`, at the end, does the same for pre-encoded records.)
+
 Web-scale image-text data is dirty, and no broken file may stop a pod job (issue 6). Each
 example goes through `ImageTransform`, which returns either the example or a skip marker,
 together with the events it met; the batcher sums the events per batch, so counts survive
@@ -27,6 +29,8 @@ import io
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
+
+from muse_jax.data import records
 
 SKIP_REASONS = (
   "read_error",  # the file or record could not be read (after retries)
@@ -265,3 +269,39 @@ class ImageTransform:
     if self.output == "float32":
       pixels = pixels.astype(np.float32) / 127.5 - 1.0
     return {"image": pixels, "caption": caption, "key": str(raw.get("key", "")), EVENTS_KEY: events}
+
+
+# ----------------------------------------------------------------------------- pre-encoded
+
+
+@dataclasses.dataclass(frozen=True)
+class PreencodedTransform:
+  """Unpacks a pre-encoded record; pads its text to `text_length`."""
+
+  text_length: int  # T
+  features: tuple[str, ...] = ()  # ids features to keep ("ids_256", ...); () = all
+
+  def __call__(self, raw: dict, rng: np.random.Generator) -> dict:
+    del rng  # nothing random here
+    if raw.get("error"):
+      return skipped(raw["error"])
+    try:
+      record = records.unpack(raw["record"])
+      ids = {k: v for k, v in record.items() if k.startswith("ids_")}
+      if self.features:
+        ids = {k: ids[k] for k in self.features}
+      emb, mask = record["text_emb"], record["text_mask"]
+    except (ValueError, KeyError):
+      return skipped("bad_record")
+    t = min(len(mask), self.text_length)
+    text_emb = np.zeros((self.text_length, emb.shape[-1]), emb.dtype)
+    text_emb[:t] = emb[:t]
+    text_mask = np.zeros((self.text_length,), bool)
+    text_mask[:t] = mask[:t]
+    out = {k: v.astype(np.int32) for k, v in ids.items()}
+    out.update(text_emb=text_emb, text_mask=text_mask)
+    if "text_pooled" in record:
+      out["text_pooled"] = np.array(record["text_pooled"])
+    out.update(caption=record.get("caption", ""), key=record.get("key", raw["key"]))
+    out[EVENTS_KEY] = []
+    return out

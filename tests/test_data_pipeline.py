@@ -204,6 +204,8 @@ def test_tfds_array_record_source_without_tensorflow(tmp_path):
   for image, caption in zip(batch["image"], batch["caption"], strict=True):
     i = int(caption.split()[-1])
     assert caption in (f"first {i}", f"second {i}") and image[16, 2, 0] == 100 + 4 * i
+  by_name = sources.TfdsSource(name="tiny_captions", data_dir=str(tmp_path), split="train[:3]")
+  assert len(by_name) == 3 and by_name[0]["image"][:4] == b"\x89PNG"  # left encoded for us
   assert "tensorflow" not in sys.modules
 
 

@@ -8,7 +8,7 @@
 
 Stages (each host runs its own copy): this host's part of the source (`sources.make_source`:
 disjoint parts, together complete) -> grain's global shuffle, a new order each epoch
-(a Feistel permutation of indices: no buffer, no memory) -> repeat -> per-example decode,
+(a keyed bijection of indices: no buffer, no memory) -> repeat -> per-example decode,
 RGB conversion, resize and crop (`transforms`), each example drawing its randomness from
 (seed, host, position in the stream) -> read threads with prefetch -> skip bad examples
 and batch -> worker processes.

@@ -12,10 +12,11 @@ from absl import app, flags
 
 # name -> (module, one line of help). Keep sorted by the order a user meets them.
 COMMANDS: dict[str, tuple[str, str]] = {
-  "demo": (
-    "muse_jax.cli.demo",
-    "Run the demo: masked parallel decoding end to end on this machine.",
-  ),
+  "demo": ("muse_jax.cli.demo", "Run the demo: masked parallel decoding end to end on this machine."),
+  "sample": ("muse_jax.cli.sample", "Generate images from text prompts with a run's pipeline."),
+  "inpaint": ("muse_jax.cli.inpaint", "Regenerate the masked region of an image to match a prompt."),
+  "outpaint": ("muse_jax.cli.outpaint", "Extend an image beyond its borders to match a prompt."),
+  "edit": ("muse_jax.cli.edit", "Mask-free editing: re-sample an image's tokens toward a prompt."),
   "make-shapes": ("muse_jax.cli.make_shapes", "Write the synthetic shapes set as a folder."),
   "preencode": ("muse_jax.cli.preencode", "Pre-encode a data source: VQ token ids + text embeddings."),
   "encode-text": ("muse_jax.cli.encode_text", "Pre-encode captions with a frozen T5/CLIP text encoder."),

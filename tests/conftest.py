@@ -13,16 +13,17 @@ os.environ["XLA_FLAGS"] = (
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # Tests are tiny: XLA's expensive optimisation passes cost more than they save.
 os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
-
-import jax
-import pytest
-
+# A persistent compilation cache, set through the environment so that the commands the
+# tests run as subprocesses share it.
 _CACHE = pathlib.Path(
   os.environ.get("MUSE_JAX_TEST_CACHE", pathlib.Path.home() / ".cache" / "muse_jax_tests")
 )
-jax.config.update("jax_compilation_cache_dir", str(_CACHE / "jax"))
-jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
-jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(_CACHE / "jax"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
 
 FIXTURES = pathlib.Path(__file__).parent / "fixtures"
 

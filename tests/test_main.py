@@ -5,6 +5,7 @@ import pathlib
 import subprocess
 import sys
 
+from absl import flags
 from PIL import Image
 
 from muse_jax import main
@@ -31,13 +32,21 @@ def test_help_lists_every_command_with_one_line(capsys):
     assert f"  {name}" in out and help_ in out
 
 
-def test_every_command_module_imports_and_has_main():
-  import importlib
-
+def test_every_command_module_imports_and_explains_its_flags(capsys):
+  # Each command runs in its own process, so two commands may define flags of the same
+  # name; here they share one, so forget one command's flags before importing the next.
   for name, (module, _) in main.COMMANDS.items():
-    mod = importlib.import_module(module)
+    for flag in list(flags.FLAGS):
+      if (flags.FLAGS.find_module_defining_flag(flag) or "").startswith("muse_jax.cli"):
+        delattr(flags.FLAGS, flag)
+    for loaded in [m for m in sys.modules if m.startswith("muse_jax.cli.")]:
+      del sys.modules[loaded]
+    main.run(["muse-jax", name, "--help"])
+    out = capsys.readouterr().out
+    mod = sys.modules[module]
     assert callable(mod.main), name
-    assert mod.__doc__, f"{module} needs a docstring: it is the command's --help text"
+    assert mod.__doc__ and mod.__doc__.strip().splitlines()[0] in out, f"{module} needs a docstring"
+    assert out.count("  --") >= 1, f"{name} --help lists no flags"
 
 
 def test_unknown_command_names_the_known_ones():

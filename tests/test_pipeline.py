@@ -1,78 +1,19 @@
 """The text-to-image cascade and editing end to end, on tiny random models.
 
-Base: 4x4 tokens of an f=4 tokenizer (16 px); super-res: 8x8 tokens of another f=4
-tokenizer (32 px). The text encoder is the tiny T5 of the text fixtures.
+The run is written to disk in the trainers' formats (see run_factory) and loaded with
+`runs.load_pipeline`, so the loaders are part of what is tested.
 """
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
+from run_factory import K, make_run
 
 from muse_jax import runs
-from muse_jax.models.transformer import MaskedTransformer, SuperResTransformer
-from muse_jax.models.vqgan import VQGAN
-from muse_jax.pipeline import MusePipeline, SamplerOptions
-from muse_jax.stages import MuseStage
-from muse_jax.text import TextEncoder
-from muse_jax.trainers.vqgan import Tokenizer
-
-K = 32
-
-
-def tiny_tokenizer(seed):
-  model = VQGAN(
-    channels=(8, 8, 16),
-    num_res_blocks=1,
-    mid_num_res_blocks=1,
-    latent_channels=8,
-    codebook_size=K,
-    norm_groups=4,
-  )
-  params = model.init(jax.random.key(seed), jnp.zeros((1, 8, 8, 3)))["params"]
-  return Tokenizer(model, params)
-
-
-def tiny_stage(model, text_encoder, seed):
-  stage = MuseStage(model, text_length=8, text_dim=text_encoder.embed_dim)
-  params = jax.tree.map(
-    lambda x: jax.random.normal(jax.random.key(seed), x.shape, x.dtype) * 0.5,
-    jax.tree.map(
-      lambda b: b.unbox(apply_constraint=False) if hasattr(b, "unbox") else b,
-      stage.abstract_params(),
-      is_leaf=lambda b: hasattr(b, "unbox"),
-    ),
-  )
-  return stage, params
 
 
 @pytest.fixture(scope="module")
-def text_encoder(fixtures_dir):
-  return TextEncoder.from_pretrained(fixtures_dir / "text" / "t5_v1_1", max_length=8)
-
-
-@pytest.fixture(scope="module")
-def pipe(text_encoder):
-  small = dict(width=32, num_layers=1, num_heads=2, mlp_dim=64, scan_layers=False)
-  base = MaskedTransformer(vocab_size=K, grid=(4, 4), **small)
-  sr = SuperResTransformer(
-    vocab_size=K,
-    grid=(8, 8),
-    low_vocab_size=K,
-    low_grid=(4, 4),
-    num_low_layers=1,
-    attention="full",
-    **small,
-  )
-  return MusePipeline(
-    tokenizer=tiny_tokenizer(0),
-    text_encoder=text_encoder,
-    base=tiny_stage(base, text_encoder, 1),
-    superres=tiny_stage(sr, text_encoder, 2),
-    superres_tokenizer=tiny_tokenizer(3),
-    base_options=SamplerOptions(num_steps=3),
-    superres_options=SamplerOptions(num_steps=2),
-  )
+def pipe(tmp_path_factory):
+  return runs.load_pipeline(make_run(tmp_path_factory.mktemp("run")))
 
 
 def test_generate_shapes_ranges_and_determinism(pipe):

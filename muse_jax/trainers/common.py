@@ -195,6 +195,10 @@ class StepTimer:
   """Wall time per step between log points, and the throughput it implies."""
 
   def __init__(self, step: int):
+    self.reset(step)
+
+  def reset(self, step: int) -> None:
+    """Restarts the clock at ``step`` (e.g. after the first step, to leave out compilation)."""
     self._step, self._time = step, time.perf_counter()
 
   def lap(
@@ -221,12 +225,18 @@ class StepTimer:
 
 
 def check_finite(step: int, loss: float, *, last_good: int | None, directory: Any) -> None:
-  """Raises ``FloatingPointError`` with advice when ``loss`` is NaN or infinite."""
-  if np.isfinite(loss):
-    return
+  """Raises ``FloatingPointError`` with advice; call when a loss or gradient went non-finite.
+
+  Args:
+    step: the step at which it was noticed.
+    loss: the latest loss fetched (NaN when unknown). A finite value is not an
+      all-clear: callers track non-finite gradients too, and call this when either is bad.
+    last_good: the newest checkpoint's step, if any.
+    directory: where the checkpoints are.
+  """
   where = f"step {last_good} in {directory}" if last_good is not None else "none was saved yet"
   raise FloatingPointError(
-    f"training loss became {loss} at or before step {step}; stopping without saving this "
-    f"state. The last good checkpoint is {where}; restart from it with a lower learning "
-    "rate, more warmup or gradient clipping (--config.optim.grad_clip_norm)."
+    f"training loss or gradients became NaN/Inf (latest loss {loss}) at or before step {step}; "
+    f"stopping without saving this state. The last good checkpoint is {where}; restart from it "
+    "with a lower learning rate, more warmup or gradient clipping (--config.optim.grad_clip_norm)."
   )

@@ -420,10 +420,12 @@ def train_and_evaluate(
           values = common.fetch(metrics)
           last_loss = float(values["train/loss"])
           if not bool(common.fetch(finite)):
-            ckpt.wait()
+            ckpt.wait()  # The last good save completes; nothing from here on is saved.
             common.check_finite(
-              step, float("nan"), last_good=ckpt.latest_step(), directory=ckpt.directory
+              step, last_loss, last_good=ckpt.latest_step(), directory=ckpt.directory
             )
+          if step == start + 1:
+            timer.reset(step)  # Leave compilation out of the step time.
           if step % t.log_every == 0:
             values.update(
               timer.lap(
@@ -447,6 +449,8 @@ def train_and_evaluate(
       progress.close()
       ckpt.close()
       writer.close()
+      if hasattr(data, "close"):
+        data.close()  # grain worker processes
   logging.info("Finished at step %d, last loss %.5f.", int(common.fetch(state.step)), last_loss)
   return state
 

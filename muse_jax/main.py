@@ -24,6 +24,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
   "reconstruct": ("muse_jax.cli.reconstruct", "Reconstruct images through a tokenizer; PSNR, codebook usage."),
   "train": ("muse_jax.cli.train", "Train a Muse base or super-res transformer (resumes by itself)."),
   "average-checkpoints": ("muse_jax.cli.average_checkpoints", "Average checkpoints offline (EMA, decay 0.7) into a new one."),
+  "convert": ("muse_jax.cli.convert", "Convert published weights (aMUSEd) into a run folder to sample."),
 }
 
 

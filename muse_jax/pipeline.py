@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
-from muse_jax import editing, partitioning, sampling
+from muse_jax import editing, masking, partitioning, sampling
 from muse_jax.stages import Stage
 from muse_jax.text import TextEmbeddings, TextEncoder, concatenate
 from muse_jax.trainers.vqgan import Tokenizer
@@ -542,3 +542,144 @@ class MusePipeline:
       self.superres_stage, self.superres_params, sr_opts, init, text, sr_negative, base_ids, k_sr
     )
     return self._to_pixels(base_ids, hr)
+
+  # -- img2img (aMUSEd) -------------------------------------------------------------
+
+  def img2img_tokens(
+    self,
+    image: np.ndarray,
+    prompt: str,
+    *,
+    strength: float = 0.5,
+    negative_prompt: str | None = None,
+    num_images: int = 1,
+    seed: int = 0,
+    **options: Any,
+  ) -> tuple[np.ndarray, np.ndarray | None]:
+    """Like ``img2img`` but returns the tokens: ``(base_ids [n, L], superres_ids or None)``."""
+    if not 0.0 < strength <= 1.0:
+      raise ValueError(f"strength must be in (0, 1]; got {strength}")
+    s = self.resolution
+    image = editing.check_image(image, s)
+    prompts = [prompt] * num_images
+    negatives = None if negative_prompt is None else [negative_prompt] * num_images
+    base_opts = self._options(True, options)
+    sr_opts = self._options(False, {**options, "num_steps": None})
+    text, negative = self.encode_prompts(
+      prompts, negatives, guided=base_opts.guidance_scale is not None
+    )
+    k_base, k_sr = jax.random.split(jax.random.key(seed))
+    low_ids = self._encode_image(self.tokenizer, image, self.base_resolution)
+    base_ids = self._renoise_and_decode(
+      self.base_stage, self.base_params, base_opts, strength, low_ids.repeat(num_images, 0),
+      text, negative, None, k_base,
+    )  # fmt: skip
+    if self.superres_stage is None:
+      return base_ids, None
+    hr_ids = self._encode_image(self.superres_tokenizer, image, s).repeat(num_images, 0)
+    sr_negative = None
+    if sr_opts.guidance_scale is not None:
+      sr_negative = (
+        negative if negative is not None else self.text_encoder.unconditional(num_images)
+      )
+    hr = self._renoise_and_decode(
+      self.superres_stage, self.superres_params, sr_opts, strength, hr_ids, text, sr_negative,
+      base_ids, k_sr,
+    )  # fmt: skip
+    return base_ids, hr
+
+  def img2img(self, image: np.ndarray, prompt: str, **kwargs: Any) -> np.ndarray:
+    """Re-generates part of ``image`` toward ``prompt`` (aMUSEd's img2img).
+
+    The image's tokens are "noised" the way a masked model noises: a random
+    ⌊L·γ(s/N)⌋ of them are masked, as if decoding had reached step
+    ``s = N − int(N·strength)`` of N, and decoding continues from step s
+    (``sampling.decode(start_step=s)``), so strength 1 regenerates everything and
+    small strengths keep most tokens. With a super-res stage its tokens are noised
+    and re-decoded the same way, conditioned on the new base tokens.
+
+    Differences from diffusers' ``AmusedImg2ImgPipeline`` (same expected count):
+    diffusers masks each token with probability γ(s/N) (a binomial count, one mask
+    shared by all images of a prompt) and keeps ⌊L·γ((i+1)/N)⌋ masked after step i;
+    this masks exactly n₀ = ⌊L·γ(s/N)⌋ tokens, drawn per image, and keeps
+    ⌊n₀·γ((i+1)/N)/γ(s/N)⌋, which is never more and at most one fewer. At
+    strength 1 diffusers' noise step index wraps around to the last step and masks
+    (almost) no token; here strength 1 masks all of them, as documented there.
+
+    Args:
+      image: uint8 [S, S, 3], S = ``self.resolution``.
+      prompt: the target text.
+      **kwargs: strength (in (0, 1]; default 0.5; at least 1/N so that one step
+        runs), negative_prompt, num_images, seed, and ``SamplerOptions`` fields.
+
+    Returns:
+      uint8 [num_images, S, S, 3].
+    """
+    base_ids, hr_ids = self.img2img_tokens(image, prompt, **kwargs)
+    return self._to_pixels(base_ids, hr_ids)
+
+  def _renoise_and_decode(
+    self, stage, params, options, strength, ids, text, negative, low_res_ids, rng
+  ) -> np.ndarray:
+    """Masks ⌊L·γ(s/N)⌋ random tokens per row of ``ids`` [B, L] and decodes from step s."""
+    n = options.num_steps
+    start_step = n - int(n * strength)
+    if start_step >= n:
+      raise ValueError(
+        f"strength {strength} runs int({n} * {strength}) = 0 of the {n} decoding steps; "
+        f"use strength >= 1/{n}"
+      )
+    length = ids.shape[1]
+    count = int(np.floor(length * masking.ratio_table(options.schedule, n)[start_step]))
+    k_mask, k_decode = jax.random.split(rng)
+    masked = masking.random_mask(k_mask, jnp.full((ids.shape[0],), count), length)
+    init = np.where(np.asarray(masked), stage.mask_id, ids)
+    # As ``_run``, with the decode starting part-way.
+    b = init.shape[0]
+    rows = math.ceil(b / self._shards) * self._shards
+    args = _pad_rows((jnp.asarray(init, jnp.int32), text, negative, low_res_ids), rows)
+    args = partitioning.shard_batch(args, self.mesh)
+    out = _decode_stage_from(
+      stage,
+      params,
+      *args,
+      k_decode,
+      jnp.float32(options.temperature),
+      jnp.float32(options.guidance_scale or 0.0),
+      start_step=start_step,
+      num_steps=n,
+      schedule=options.schedule,
+      choice_temperature=options.choice_temperature,
+      top_k=options.top_k,
+      guidance_schedule=options.guidance_schedule,
+    )
+    return np.asarray(out)[:b]
+
+
+@functools.partial(
+  jax.jit,
+  static_argnames=(
+    "stage", "start_step", "num_steps", "schedule", "choice_temperature", "top_k",
+    "guidance_schedule",
+  ),
+)  # fmt: skip
+def _decode_stage_from(
+  stage, params, init_ids, text, negative, low_res_ids, rng, temperature, guidance_scale,
+  *, start_step, num_steps, schedule, choice_temperature, top_k, guidance_schedule,
+):  # fmt: skip
+  """``_decode_stage`` continuing a schedule from ``start_step`` (img2img)."""
+  logits_fn = _stage_logits_fn(stage, params, text, negative, low_res_ids)
+  return sampling.decode(
+    init_ids,
+    logits_fn,
+    rng,
+    mask_id=stage.mask_id,
+    num_steps=num_steps,
+    schedule=schedule,
+    temperature=temperature,
+    choice_temperature=choice_temperature,
+    top_k=top_k,
+    guidance_scale=None if negative is None else guidance_scale,
+    guidance_schedule=guidance_schedule,
+    start_step=start_step,
+  ).ids

@@ -29,7 +29,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from muse_jax import partitioning, stages
+from muse_jax import amused, partitioning, stages
 from muse_jax.pipeline import PAPER_BASE, PAPER_SUPERRES, MusePipeline, SamplerOptions
 from muse_jax.text import TextEncoder
 from muse_jax.trainers.vqgan import load_tokenizer
@@ -41,6 +41,7 @@ OPTIONAL_PARTS = ("superres", "superres_tokenizer")
 # base_kind / superres_kind -> loader(path, mesh=...) -> (stage, params).
 STAGE_LOADERS: dict[str, Callable[..., tuple[stages.Stage, Any]]] = {
   "muse": stages.load_muse_stage,
+  "amused": amused.load_amused_stage,
 }
 
 

@@ -32,14 +32,13 @@ import sys
 import tempfile
 import time
 
-import ml_dtypes
 import numpy as np
-from safetensors.numpy import save_file
 
 _REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(_REPO))
 
 from configs import text_encoders  # noqa: E402
+from muse_jax.convert.random_init import write_random_folder  # noqa: E402
 
 _FIXTURES = _REPO / "tests" / "fixtures" / "text"
 _PROMPTS = [
@@ -57,109 +56,6 @@ def _peak_rss_gb() -> float:
 def _rss_gb() -> float:
   with open("/proc/self/statm") as f:
     return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**30
-
-
-def t5_layers(c: dict) -> list[dict[str, tuple[int, ...]]]:
-  """HF tensor names and shapes, grouped per shard: embeddings, each block, final norm."""
-  d, inner, f = c["d_model"], c["num_heads"] * c["d_kv"], c["d_ff"]
-  groups = [{"shared.weight": (c["vocab_size"], d)}]
-  for i in range(c["num_layers"]):
-    p = f"encoder.block.{i}.layer"
-    block = {f"{p}.0.SelfAttention.{w}.weight": (inner, d) for w in "qkv"}
-    block[f"{p}.0.SelfAttention.o.weight"] = (d, inner)
-    block[f"{p}.0.layer_norm.weight"] = (d,)
-    if i == 0:
-      block[f"{p}.0.SelfAttention.relative_attention_bias.weight"] = (
-        c["relative_attention_num_buckets"],
-        c["num_heads"],
-      )
-    block.update({f"{p}.1.DenseReluDense.{w}.weight": (f, d) for w in ("wi_0", "wi_1")})
-    block[f"{p}.1.DenseReluDense.wo.weight"] = (d, f)
-    block[f"{p}.1.layer_norm.weight"] = (d,)
-    groups.append(block)
-  groups.append({"encoder.final_layer_norm.weight": (d,)})
-  return groups
-
-
-def clip_layers(c: dict) -> list[dict[str, tuple[int, ...]]]:
-  d, f = c["hidden_size"], c["intermediate_size"]
-  t = "text_model."
-  groups = [
-    {
-      f"{t}embeddings.token_embedding.weight": (c["vocab_size"], d),
-      f"{t}embeddings.position_embedding.weight": (c["max_position_embeddings"], d),
-    }
-  ]
-  for i in range(c["num_hidden_layers"]):
-    p = f"{t}encoder.layers.{i}"
-    layer = {}
-    for w in ("q", "k", "v", "out"):
-      layer[f"{p}.self_attn.{w}_proj.weight"] = (d, d)
-      layer[f"{p}.self_attn.{w}_proj.bias"] = (d,)
-    for n in ("layer_norm1", "layer_norm2"):
-      layer[f"{p}.{n}.weight"] = (d,)
-      layer[f"{p}.{n}.bias"] = (d,)
-    layer.update(
-      {f"{p}.mlp.fc1.weight": (f, d), f"{p}.mlp.fc1.bias": (f,), f"{p}.mlp.fc2.weight": (d, f)}
-    )
-    layer[f"{p}.mlp.fc2.bias"] = (d,)
-    groups.append(layer)
-  groups.append(
-    {
-      f"{t}final_layer_norm.weight": (d,),
-      f"{t}final_layer_norm.bias": (d,),
-      "text_projection.weight": (c["projection_dim"], d),
-    }
-  )
-  return groups
-
-
-def write_random_folder(folder: pathlib.Path, hf_config: dict, dtype: str, seed: int = 0) -> int:
-  """Writes config.json, sharded safetensors (one shard per group) and a tokenizer.
-
-  Returns:
-    The number of parameters written.
-  """
-  folder.mkdir(parents=True)
-  (folder / "config.json").write_text(json.dumps(hf_config, indent=1))
-  groups = t5_layers(hf_config) if hf_config["model_type"] == "t5" else clip_layers(hf_config)
-  np_dtype = ml_dtypes.bfloat16 if dtype == "bfloat16" else np.float32
-  rng = np.random.default_rng(seed)
-  weight_map, total = {}, 0
-  for i, group in enumerate(groups):
-    file = f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors"
-    tensors = {}
-    for name, shape in group.items():
-      if len(shape) == 1:  # norm scales near 1, biases near 0.
-        value = (1.0 if "norm" in name and "weight" in name else 0.0) + 0.02 * rng.standard_normal(
-          shape, np.float32
-        )
-      else:  # fan-in scaled, so activations stay finite through the stack.
-        value = rng.standard_normal(shape, np.float32) / np.sqrt(
-          shape[-1] if "embedding" not in name else 1.0
-        )
-        if "shared" in name or "embedding" in name:
-          value *= 0.5
-      tensors[name] = value.astype(np_dtype)
-      total += value.size
-    save_file(tensors, str(folder / file))
-    weight_map.update(dict.fromkeys(group, file))
-  index = {
-    "metadata": {"total_size": total * np.dtype(np_dtype).itemsize},
-    "weight_map": weight_map,
-  }
-  (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=1))
-  tokenizer = _FIXTURES / ("t5_v1_1" if hf_config["model_type"] == "t5" else "clip")
-  for name in (
-    "spiece.model",
-    "tokenizer.json",
-    "vocab.json",
-    "merges.txt",
-    "tokenizer_config.json",
-  ):
-    if (tokenizer / name).is_file():
-      shutil.copy(tokenizer / name, folder / name)
-  return total
 
 
 def measure(
@@ -261,7 +157,12 @@ def main() -> None:
       folder = workdir / variant
       shutil.rmtree(folder, ignore_errors=True)
       start = time.perf_counter()
-      count = write_random_folder(folder, config.hf_config.to_dict(), args.param_dtype)
+      count = write_random_folder(
+        folder,
+        config.hf_config.to_dict(),
+        args.param_dtype,
+        tokenizer_from=_FIXTURES / ("t5_v1_1" if config.hf_config.model_type == "t5" else "clip"),
+      )
       write_s = time.perf_counter() - start
       writer_peak = _peak_rss_gb()
       cmd = [sys.executable, __file__, "--_measure", str(folder), "--_length", str(length)]

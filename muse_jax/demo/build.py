@@ -1,0 +1,150 @@
+"""The demo's training stages, each a call into the library's own trainers.
+
+1. a frozen text encoder (random T5-style weights, a word vocabulary of the captions);
+2. the VQ tokenizer, trained by `trainers.vqgan` on shapes images (held-out pairs
+   excluded);
+3. pre-encoding of shapes examples to token ids + text embeddings (`data.preencode`);
+4. the base transformer, trained by `trainers.transformer` on those shards;
+5. the run's `pipeline.json`, so `muse-jax sample --checkpoint WORKDIR` works too.
+"""
+
+from __future__ import annotations
+
+import pathlib
+
+import jax
+import ml_collections
+import numpy as np
+
+from muse_jax import runs
+from muse_jax.convert import random_init
+from muse_jax.data import preencode, shapes
+from muse_jax.text import TextEncoder
+from muse_jax.trainers import transformer as transformer_trainer
+from muse_jax.trainers import vqgan as vq_trainer
+
+TEXT, TOKENIZER, DATA, BASE = "text_encoder", "tokenizer", "data", "base"
+TOKENS = "tokens"  # name of the ids feature in the pre-encoded shards ("ids_tokens")
+
+
+def caption_words() -> list[str]:
+  """Every word the shapes captions use."""
+  words = ["a", *shapes.COUNT_WORDS.values(), *shapes.PALETTE]
+  words += [w for s in shapes.SHAPES for w in (s, s + "s")]
+  words += [w for r in shapes.RELATIONS for w in r.split()]
+  return list(dict.fromkeys(words))
+
+
+def shapes_source(config: ml_collections.ConfigDict, split: str = "train", length: int = 2**31 - 1):
+  return shapes.ShapesSource(
+    size=config.image_size,
+    seed=config.seed,
+    split=split,
+    forms=tuple(dict(config.forms).items()),
+    held_out=tuple(config.held_out),
+    length=length,
+  )
+
+
+def make_text_encoder(config: ml_collections.ConfigDict, folder: pathlib.Path) -> None:
+  """A random T5 v1.1-style encoder folder with a word-level tokenizer of the captions."""
+  t = config.text
+  vocab = random_init.write_word_tokenizer(folder, caption_words())
+  hf_config = dict(
+    model_type="t5",
+    architectures=["T5EncoderModel"],
+    vocab_size=vocab,
+    d_model=t.d_model,
+    d_kv=t.d_kv,
+    num_heads=t.num_heads,
+    d_ff=t.d_ff,
+    num_layers=t.num_layers,
+    feed_forward_proj="gated-gelu",
+    relative_attention_num_buckets=32,
+    relative_attention_max_distance=128,
+    layer_norm_epsilon=1e-6,
+  )
+  random_init.write_random_folder(folder, hf_config, "float32", seed=config.seed)
+
+
+def train_tokenizer(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> None:
+  """The f=8 VQ tokenizer on shapes images (L1 + commitment: flat colours need no GAN)."""
+  t = config.tokenizer
+  c = vq_trainer.base_config()
+  c.model.update(channels=tuple(t.channels), num_res_blocks=t.num_res_blocks, mid_num_res_blocks=1,
+                 latent_channels=t.latent_channels, codebook_size=t.codebook_size, norm_groups=8)  # fmt: skip
+  c.loss.update(perceptual_weight=0.0, adversarial_weight=0.0, disc_start=10**9)
+  c.codebook.update(init="kmeans", restart_every=50)
+  c.data.update(source="shapes", resolution=config.image_size, output="uint8", seed=config.seed)
+  c.data.shapes.update(size=config.image_size, seed=config.seed, split="train", forms=dict(config.forms),
+                       held_out=tuple(config.held_out))  # fmt: skip
+  c.train.update(steps=t.steps, batch_size=t.batch_size, log_every=50, image_every=0, eval_every=0,
+                 ckpt_every=t.steps, keep=1, ema_decay=0.99, time_limit_s=t.time_limit_s)  # fmt: skip
+  c.optim.update(lr=t.lr, warmup_steps=20)
+  vq_trainer.train_and_evaluate(c, workdir)
+
+
+def encode_training_set(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> None:
+  """Token ids + text embeddings of the training examples, as ArrayRecord shards."""
+  p = config.preencode
+  tokenizer = vq_trainer.load_tokenizer(workdir / TOKENIZER)
+  text = TextEncoder.from_pretrained(workdir / TEXT, max_length=config.text.max_length)
+
+  def encode_text(captions):
+    out = text.encode(captions)
+    return np.asarray(out.embeddings), np.asarray(out.mask)
+
+  preencode.preencode(
+    shapes_source(config, length=p.num_examples),
+    workdir / DATA,
+    tokenizers=[preencode.ImageTokenizer(TOKENS, config.image_size, tokenizer.encode)],
+    encode_text=encode_text,
+    batch_size=p.batch_size,
+    examples_per_shard=p.num_examples,
+    description="muse-jax demo: shapes train split",
+  )
+
+
+def train_base(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> None:
+  """The base masked transformer on the pre-encoded shards."""
+  b = config.base
+  grid = config.image_size // 2 ** (len(config.tokenizer.channels) - 1)
+  c = transformer_trainer.base_config()
+  c.model.update(vocab_size=config.tokenizer.codebook_size, grid=(grid, grid), width=b.width,
+                 num_layers=b.num_layers, num_heads=b.num_heads, mlp_dim=b.mlp_dim, dtype="float32")  # fmt: skip
+  c.text.update(length=config.text.max_length, dim=config.text.d_model)
+  c.data.update(
+    source="pre_encoded", path=str(workdir / DATA), ids_key=f"ids_{TOKENS}", seed=config.seed
+  )
+  c.train.update(steps=b.steps, batch_size=b.batch_size, log_every=50, ckpt_every=b.steps, keep=1,
+                 keep_every=0, time_limit_s=b.time_limit_s)  # fmt: skip
+  # AdamW: at this size and step count it converges faster than Adafactor.
+  c.optim.update(name="adamw", lr=b.lr, warmup_steps=b.warmup_steps, weight_decay=0.01, b2=0.99)
+  c.mesh.shape = dict(data=-1, fsdp=1, tensor=1)
+  c.mesh.num_devices = _batch_devices(b.batch_size)
+  transformer_trainer.train_and_evaluate(c, workdir / BASE)
+
+
+def _batch_devices(batch_size: int) -> int:
+  """The most local devices (up to all) that split the batch evenly."""
+  n = jax.local_device_count()
+  while batch_size % n:
+    n -= 1
+  return n
+
+
+def write_pipeline(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> None:
+  s = config.sampler
+  runs.write_layout(
+    workdir,
+    tokenizer=TOKENIZER,
+    text_encoder=TEXT,
+    text_max_length=config.text.max_length,
+    base=BASE,
+    base_sampler=dict(
+      num_steps=s.num_steps,
+      guidance_scale=s.guidance_scale,
+      guidance_schedule=s.guidance_schedule,
+      choice_temperature=s.choice_temperature,
+    ),
+  )

@@ -1,0 +1,36 @@
+"""The demo end to end with a reduced budget (the `tiny` config), and its reuse of stages."""
+
+import json
+
+import pytest
+from PIL import Image
+
+from configs import demo as demo_config
+from muse_jax import demo
+
+
+@pytest.mark.slow
+def test_tiny_demo_trains_generates_judges_and_reuses(tmp_path):
+  config = demo_config.get_config("tiny")
+  report = demo.run(config, tmp_path)
+  on_disk = json.loads((tmp_path / "report.json").read_text())
+  assert on_disk["totals"] == report["totals"]
+  # Every prompt form, seen and held-out pairs, each image judged and written.
+  assert set(report["totals"]) == {"single", "count", "relation"}
+  for form in report["totals"].values():
+    assert form["seen"]["total"] > 0 and form["held_out"]["total"] > 0
+  assert len(report["images"]) == 18 + 2 * (1 + len(config.held_out))
+  for entry in report["images"]:
+    assert (tmp_path / entry["image"]).is_file()
+    assert isinstance(entry["correct"], bool) and (entry["correct"] or entry["reason"])
+  assert (tmp_path / report["inpainting"]["image"]).is_file()
+  assert Image.open(tmp_path / "samples.png").size[0] > 8 * 64
+  for stage in ("text_encoder", "tokenizer", "data", "base"):
+    assert (tmp_path / f"{stage}.done").is_file()
+  text = demo.summary(report, tmp_path)
+  assert "single" in text and "held-out" in text
+
+  # A second run trains nothing and gives the same images (same seed, same checkpoints).
+  again = demo.run(config, tmp_path)
+  assert set(again["timings_s"]) == {"generate + judge"}
+  assert [e["correct"] for e in again["images"]] == [e["correct"] for e in report["images"]]

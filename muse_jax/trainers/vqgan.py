@@ -34,6 +34,7 @@ import json
 import math
 import os
 import pathlib
+import time
 from typing import Any, NamedTuple
 
 from absl import logging
@@ -127,6 +128,7 @@ def base_config() -> ml_collections.ConfigDict:
     keep=3,
     async_checkpoints=True,
     distributed="auto",
+    time_limit_s=0.0,  # stop (saving a checkpoint) this long after the call began (0: no limit)
   )
   # Adam (0.9, 0.99), lr 1e-4, wd 1e-4, 10k warmup, cosine (paper App. A.2).
   c.optim = dict(
@@ -367,6 +369,7 @@ def train_and_evaluate(
   Returns:
     The final train state.
   """
+  started = time.monotonic()  # train.time_limit_s counts set-up and compilation too
   common.maybe_initialize_distributed(config.train.distributed)
   workdir = pathlib.Path(workdir)
   t = config.train
@@ -469,7 +472,8 @@ def train_and_evaluate(
         state, metrics = steps[use_gan](state, batch, lpips_params)
         finite = finite & jnp.isfinite(metrics["train/loss"])
         progress.update(1)
-        must_save = ckpt.should_save(step) or step == t.steps
+        out_of_time = bool(t.time_limit_s) and time.monotonic() - started > t.time_limit_s
+        must_save = ckpt.should_save(step) or step == t.steps or out_of_time
         if step % t.log_every == 0 or must_save or step == start + 1:
           values = common.fetch(metrics)
           last_loss = float(values["train/loss"])
@@ -493,6 +497,11 @@ def train_and_evaluate(
           if ckpt.reached_preemption(step):
             logging.warning("Preemption announced: saved step %d, exiting.", step)
             break
+        if out_of_time:
+          logging.warning(
+            "train.time_limit_s=%g reached: saved step %d, stopping.", t.time_limit_s, step
+          )
+          break
     finally:
       progress.close()
       ckpt.close()

@@ -7,22 +7,25 @@ those (virtual) devices, and the compiled program reports
 
 * ``memory_analysis()``: per-device bytes of arguments, outputs (minus donated
   aliases) and temporaries, i.e. the HBM the step needs, against the chip's HBM;
-* ``cost_analysis()``: XLA's own estimate of the step time (``optimal_seconds``) and
-  FLOPs, hence an estimated model FLOPs utilisation (MFU) = model FLOPs / step time /
-  (peak FLOP/s x chips).
+* ``cost_analysis()``: the FLOPs and HBM bytes the program executes per device.
 
+Step time: XLA's own estimate (``optimal_seconds``) is unusable when compiling from a
+CPU host against a topology description (libtpu 0.0.42.1 returns negative values that
+grow with depth: -88, -182, -363 s for 1, 2, 4 layers of the 632M model on 8 chips).
+The estimate here is a roofline from XLA's counts: max(FLOPs / peak, bytes / HBM
+bandwidth) per device, a lower bound on the step time (it assumes perfect overlap and
+ignores collectives), hence an upper bound on MFU = model FLOPs / step time /
+(peak x chips). XLA's cost analysis does not see through the scanned (while-loop)
+layers, so FLOPs and bytes come from unrolled 1- and 2-layer variants, extrapolated
+linearly to the real depth (layers are identical, so this is exact up to fusion).
 The memory figures come from the real configs (scanned layers, remat, bf16 compute).
-XLA's cost model does not see through the scanned (while-loop) layers, so the step
-time is estimated from unrolled 1- and 2-layer variants, extrapolated linearly to the
-real depth (``--cost extrapolated``, the default; ``--cost scanned`` reports the raw
-estimate of the scanned program).
 
 Needs libtpu matching jax. It is kept out of the shared environment (an installed
 libtpu makes every jax start on this host probe for TPUs); install it aside once:
 
   pip install --no-deps --target ~/.cache/muse_jax/libtpu 'libtpu==0.0.42.1'  # jax[tpu]==0.10.2's
   python benchmarks/aot_tpu.py                      # Muse-3B and super-res, v4 64 and 512 chips
-  python benchmarks/aot_tpu.py --models muse_base_3b --chips 512 --batch 512 --cost scanned
+  python benchmarks/aot_tpu.py --models muse_base_3b --chips 512 --batch 512 --cost none  # memory only
 
 (`pip install 'jax[tpu]==0.10.2'` works too: then --libtpu_dir is not needed.)
 """
@@ -38,9 +41,12 @@ import pathlib
 import sys
 import time
 
+import numpy as np
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 V4_HBM_BYTES = 32 * 2**30  # per chip
 V4_PEAK_FLOPS = 275e12  # bf16 per chip
+V4_HBM_BANDWIDTH = 1.2e12  # bytes/s per chip
 # Chips -> v4 slice shape (x, y, z). Google names slices by TensorCores: v4-128 = 64 chips.
 V4_SHAPES = {
   8: (2, 2, 2),
@@ -60,6 +66,7 @@ def _setup_env(libtpu_dir: str | None, chips: int) -> None:
   os.environ["JAX_PLATFORMS"] = "cpu"
   os.environ.setdefault("TPU_ACCELERATOR_TYPE", f"v4-{2 * chips}")
   os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # several compiles side by side
   sys.path.insert(0, str(ROOT))
 
 
@@ -77,10 +84,12 @@ class Result:
   batch: int
   params_b: float
   hbm_gib: float  # per device: arguments + outputs - aliased + temporaries
-  state_gib: float  # per device: the train state (arguments)
+  state_gib: float  # per device: the train state and batch (arguments)
   temp_gib: float
   fits: bool
-  step_s: float | None
+  tflops: float | None  # XLA's FLOPs per device per step, in 1e12
+  gbytes: float | None  # XLA's HBM bytes accessed per device per step, in 1e9
+  step_s: float | None  # roofline: max(compute, memory) time
   mfu: float | None
   compile_s: float
 
@@ -151,13 +160,14 @@ def run(model_name: str, chips: int, batch: int, cost: str) -> Result:
   mem = compiled.memory_analysis()
   state = mem.argument_size_in_bytes
   total = state + mem.output_size_in_bytes - mem.alias_size_in_bytes + mem.temp_size_in_bytes
-  step_s = mfu = None
+  tflops = gbytes = step_s = mfu = None
   if cost != "none":
-    step_s, extra_s = estimate_step_seconds(model_name, batch, devices, cost)
+    flops, nbytes, extra_s = extrapolated_costs(model_name, batch, devices)
     compile_s += extra_s
-    if step_s and step_s > 0:
-      model_flops = 3 * model.forward_flops(config.text.length, config.text.dim) * batch
-      mfu = model_flops / step_s / (V4_PEAK_FLOPS * len(devices))
+    tflops, gbytes = flops / 1e12, nbytes / 1e9
+    step_s = max(flops / V4_PEAK_FLOPS, nbytes / V4_HBM_BANDWIDTH)
+    model_flops = 3 * model.forward_flops(config.text.length, config.text.dim) * batch
+    mfu = model_flops / step_s / (V4_PEAK_FLOPS * len(devices))
   gib = 2.0**30
   return Result(
     model=model_name,
@@ -168,43 +178,39 @@ def run(model_name: str, chips: int, batch: int, cost: str) -> Result:
     state_gib=state / gib,
     temp_gib=mem.temp_size_in_bytes / gib,
     fits=total <= V4_HBM_BYTES,
+    tflops=tflops,
+    gbytes=gbytes,
     step_s=step_s,
     mfu=mfu,
     compile_s=compile_s,
   )
 
 
-def _optimal_seconds(compiled) -> float:
+def _costs(compiled) -> tuple[float, float]:
   analysis = compiled.cost_analysis()
   analysis = analysis[0] if isinstance(analysis, list) else analysis
-  return float(analysis.get("optimal_seconds", float("nan")))
+  return float(analysis["flops"]), float(analysis["bytes accessed"])
 
 
-def estimate_step_seconds(
-  model_name: str, batch: int, devices, cost: str
-) -> tuple[float | None, float]:
-  """XLA's step-time estimate; ``extrapolated`` fits it linearly in the layer counts.
+def extrapolated_costs(model_name: str, batch: int, devices) -> tuple[float, float, float]:
+  """Per-device (FLOPs, bytes, compile seconds) of the full-depth step.
 
-  Layers are identical, so the estimate is a + b * layers (per layer kind). Compiling
-  1- and 2-layer unrolled variants gives a and b exactly, without compiling 48
-  unrolled layers; ``scanned`` reports the estimate of the scanned program as is.
+  Costs are a + b * layers per layer kind; unrolled 1- and 2-layer variants give a and
+  b without compiling 48 unrolled layers.
   """
-  if cost == "scanned":
-    compiled, seconds, _, _ = compile_step(_config(model_name, batch), devices, unrolled=False)
-    return _optimal_seconds(compiled), seconds
   full = _config(model_name, batch).model
   kinds = ["num_layers"] + (["num_low_layers"] if full.kind == "superres" else [])
   variants = [dict.fromkeys(kinds, 1)] + [dict(dict.fromkeys(kinds, 1), **{k: 2}) for k in kinds]
-  estimates, total = [], 0.0
+  costs, total = [], 0.0
   for layers in variants:
     config = _config(model_name, batch)
     config.model.update(layers)
     compiled, seconds, _, _ = compile_step(config, devices, unrolled=True)
-    estimates.append(_optimal_seconds(compiled))
+    costs.append(np.asarray(_costs(compiled)))
     total += seconds
-  base = estimates[0]
-  per_layer = {k: estimates[i + 1] - base for i, k in enumerate(kinds)}
-  return base + sum(per_layer[k] * (full[k] - 1) for k in kinds), total
+  base = costs[0]
+  full_cost = base + sum((costs[i + 1] - base) * (full[k] - 1) for i, k in enumerate(kinds))
+  return float(full_cost[0]), float(full_cost[1]), total
 
 
 def _config(name: str, batch: int):
@@ -226,9 +232,9 @@ def main() -> None:
   parser.add_argument("--batch", type=int, default=512, help="global batch (paper: 512)")
   parser.add_argument(
     "--cost",
-    choices=("extrapolated", "scanned", "none"),
+    choices=("extrapolated", "none"),
     default="extrapolated",
-    help="step-time estimate",
+    help="roofline step time from XLA's FLOPs / bytes (two or three extra small compiles)",
   )
   parser.add_argument(
     "--libtpu_dir",
@@ -248,16 +254,20 @@ def main() -> None:
       f"aot_tpu: libtpu is not importable (looked in {args.libtpu_dir} and site-packages); see the docstring"
     )
 
-  header = f"{'model':<20} {'chips':>5} {'batch':>5} {'params':>7} {'HBM/dev GiB':>11} {'state':>6} {'temp':>6} {'fits 32G':>8} {'step s':>7} {'MFU':>6} {'compile s':>9}"
-  print(header)
+  columns = (
+    f"{'model':<18} {'chips':>5} {'batch':>5} {'params':>7} {'HBM/dev':>8} {'state':>6} {'temp':>6} "
+    f"{'fits 32G':>8} {'TFLOP/dev':>9} {'GB/dev':>7} {'step s':>7} {'MFU<=':>6} {'compile s':>9}"
+  )
+  print(columns)
   for name in args.models.split(","):
     for chips in chip_counts:
       r = run(name, chips, args.batch, args.cost)
-      step = f"{r.step_s:.3f}" if r.step_s else "-"
-      mfu = f"{100 * r.mfu:.1f}%" if r.mfu else "-"
+      na = lambda v, f: "-" if v is None else format(v, f)
       print(
-        f"{r.model:<20} {r.chips:>5} {r.batch:>5} {r.params_b:>6.2f}B {r.hbm_gib:>11.2f} {r.state_gib:>6.2f} "
-        f"{r.temp_gib:>6.2f} {'yes' if r.fits else 'NO':>8} {step:>7} {mfu:>6} {r.compile_s:>9.1f}",
+        f"{r.model:<18} {r.chips:>5} {r.batch:>5} {r.params_b:>6.2f}B {r.hbm_gib:>7.2f}G "
+        f"{r.state_gib:>6.2f} {r.temp_gib:>6.2f} {'yes' if r.fits else 'NO':>8} "
+        f"{na(r.tflops, '.2f'):>9} {na(r.gbytes, '.1f'):>7} {na(r.step_s, '.3f'):>7} "
+        f"{na(r.mfu and 100 * r.mfu, '.1f'):>5}% {r.compile_s:>9.1f}",
         flush=True,
       )
 

@@ -23,8 +23,9 @@ Call signature, shared by the trainer, the sampler and the pipeline::
   # low_res_ids int32 [B, l]; logits float32 [B, L, K].
 
 Where the paper is silent, this implementation assumes: 64-dim attention heads,
-GELU MLPs, biases on all projections, an embedding table of K + 1 rows padded to a
-multiple of 128 (so that it shards evenly), untied output head.
+GELU MLPs, biases on all projections except attention keys (softmax ignores a key
+bias), text projection = linear + LayerNorm, an embedding table of K + 1 rows padded
+to a multiple of 128 (so that it shards evenly), an untied output head, no dropout.
 """
 
 from __future__ import annotations

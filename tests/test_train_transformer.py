@@ -239,3 +239,57 @@ def token_batches_data_config(folder):
   c.update(source="folder", resolution=32)
   c.folder.path = str(folder)
   return c
+
+
+@pytest.mark.parametrize(
+  "env, wanted",
+  [
+    ({}, False),
+    ({"TPU_WORKER_HOSTNAMES": "localhost"}, False),  # one-host TPU VM
+    ({"TPU_WORKER_HOSTNAMES": "10.0.0.2,10.0.0.3"}, True),  # pod slice
+    ({"JAX_COORDINATOR_ADDRESS": "10.0.0.2:1234"}, True),
+    ({"SLURM_NTASKS": "1"}, False),
+    ({"SLURM_NTASKS": "16"}, True),
+  ],
+)
+def test_distributed_start_only_when_the_environment_asks(monkeypatch, env, wanted):
+  for key in (
+    "TPU_WORKER_HOSTNAMES",
+    "JAX_COORDINATOR_ADDRESS",
+    "COORDINATOR_ADDRESS",
+    "SLURM_NTASKS",
+    "OMPI_COMM_WORLD_SIZE",
+  ):
+    monkeypatch.delenv(key, raising=False)
+  for key, value in env.items():
+    monkeypatch.setenv(key, value)
+  assert common._wants_distributed() is wanted
+  calls = []
+  monkeypatch.setattr(jax.distributed, "initialize", lambda: calls.append(1))
+  monkeypatch.setattr(jax.distributed, "is_initialized", lambda: False)
+  common.maybe_initialize_distributed("auto")
+  common.maybe_initialize_distributed("off")
+  assert len(calls) == int(wanted)
+  with pytest.raises(ValueError, match="'auto', 'on' or 'off'"):
+    common.maybe_initialize_distributed("yes")
+
+
+def test_synthetic_task_is_deterministic_and_conditional():
+  c = load_config("muse_superres_512")
+  a = token_batches.make_batches(c, local_batch=4, superres=True)
+  first, second = next(a), next(a)
+  b = token_batches.make_batches(c, local_batch=4, superres=True)
+  b.set_state({"index": 1})
+  jax.tree.map(np.testing.assert_array_equal, next(b), second)  # resumable by index
+  assert not np.array_equal(first["ids"], second["ids"])
+  assert first["ids"].shape == (4, 64) and first["low_res_ids"].shape == (4, 16)
+  assert (
+    first["ids"].max() < c.model.vocab_size and first["low_res_ids"].max() < c.model.low_vocab_size
+  )
+  # Each low-res code expands into one fixed 2x2 patch of high-res codes (before noise).
+  for low, high in zip(a.low_maps, a.maps, strict=True):
+    low = low.reshape(4, 4)
+    patches = high.reshape(4, 2, 4, 2).transpose(0, 2, 1, 3)  # [4, 4, 2, 2]
+    for code in np.unique(low):
+      same = patches[low == code]
+      assert (same == same[0]).all()

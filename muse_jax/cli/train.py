@@ -34,5 +34,8 @@ def main(argv: list[str]) -> None:
   logging.set_verbosity(logging.INFO)
   try:
     transformer.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
-  except FloatingPointError as e:
+  except (FloatingPointError, ValueError) as e:
+    # Bad settings (a batch that does not split over the mesh, an unknown optimizer, ...)
+    # and a diverged run are the user's to fix: one line, the traceback only at -v 1.
+    logging.debug("muse-jax train failed", exc_info=True)
     raise SystemExit(f"muse-jax train: {e}") from None

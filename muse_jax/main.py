@@ -12,19 +12,43 @@ from absl import app, flags
 
 # name -> (module, one line of help). Keep sorted by the order a user meets them.
 COMMANDS: dict[str, tuple[str, str]] = {
-  "demo": ("muse_jax.cli.demo", "Run the demo: masked parallel decoding end to end on this machine."),
+  "demo": (
+    "muse_jax.cli.demo",
+    "The demo: train Muse on the synthetic shapes set, generate, judge every image.",
+  ),
   "sample": ("muse_jax.cli.sample", "Generate images from text prompts with a run's pipeline."),
-  "inpaint": ("muse_jax.cli.inpaint", "Regenerate the masked region of an image to match a prompt."),
+  "inpaint": (
+    "muse_jax.cli.inpaint",
+    "Regenerate the masked region of an image to match a prompt.",
+  ),
   "outpaint": ("muse_jax.cli.outpaint", "Extend an image beyond its borders to match a prompt."),
   "edit": ("muse_jax.cli.edit", "Mask-free editing: re-sample an image's tokens toward a prompt."),
   "make-shapes": ("muse_jax.cli.make_shapes", "Write the synthetic shapes set as a folder."),
-  "preencode": ("muse_jax.cli.preencode", "Pre-encode a data source: VQ token ids + text embeddings."),
-  "encode-text": ("muse_jax.cli.encode_text", "Pre-encode captions with a frozen T5/CLIP text encoder."),
+  "preencode": (
+    "muse_jax.cli.preencode",
+    "Pre-encode a data source: VQ token ids + text embeddings.",
+  ),
+  "encode-text": (
+    "muse_jax.cli.encode_text",
+    "Pre-encode captions with a frozen T5/CLIP text encoder.",
+  ),
   "train-vq": ("muse_jax.cli.train_vq", "Train a VQGAN image tokenizer (or finetune its decoder)."),
-  "reconstruct": ("muse_jax.cli.reconstruct", "Reconstruct images through a tokenizer; PSNR, codebook usage."),
-  "train": ("muse_jax.cli.train", "Train a Muse base or super-res transformer (resumes by itself)."),
-  "average-checkpoints": ("muse_jax.cli.average_checkpoints", "Average checkpoints offline (EMA, decay 0.7) into a new one."),
-  "convert": ("muse_jax.cli.convert", "Convert published weights (aMUSEd) into a run folder to sample."),
+  "reconstruct": (
+    "muse_jax.cli.reconstruct",
+    "Reconstruct images through a tokenizer; PSNR, codebook usage.",
+  ),
+  "train": (
+    "muse_jax.cli.train",
+    "Train a Muse base or super-res transformer (resumes by itself).",
+  ),
+  "average-checkpoints": (
+    "muse_jax.cli.average_checkpoints",
+    "Average checkpoints offline (EMA, decay 0.7) into a new one.",
+  ),
+  "convert": (
+    "muse_jax.cli.convert",
+    "Convert published weights (aMUSEd) into a run folder to sample.",
+  ),
 }
 
 

@@ -322,7 +322,12 @@ def accumulate_gradients(
   size = jax.tree.leaves(batch)[0].shape[0]
   if size % micro_steps:
     raise ValueError(f"batch size {size} is not divisible into {micro_steps} micro-batches")
-  micro = jax.tree.map(lambda x: x.reshape(micro_steps, size // micro_steps, *x.shape[1:]), batch)
+  # Strided micro-batches (rows m, m + k, m + 2k, ...): with the batch split over devices
+  # in contiguous blocks, every device then holds its share of every micro-batch, so
+  # slicing one out needs no communication (contiguous slices would idle most devices).
+  micro = jax.tree.map(
+    lambda x: jnp.swapaxes(x.reshape(size // micro_steps, micro_steps, *x.shape[1:]), 0, 1), batch
+  )
 
   def body(carry, inputs):
     index, one_batch = inputs

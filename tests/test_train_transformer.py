@@ -27,7 +27,8 @@ def load_config(name: str, arg: str | None = "tiny"):
 
 def tiny_config(**mesh):
   c = load_config("muse_base_632m")
-  c.train.update(steps=STEPS, batch_size=8, ckpt_every=2, log_every=2, keep=5)
+  # Two micro-batches per step: accumulation is part of what must match across meshes.
+  c.train.update(steps=STEPS, batch_size=8, grad_accum=2, ckpt_every=2, log_every=2, keep=5)
   c.mesh.update(mesh)
   return c
 

@@ -224,6 +224,26 @@ class StepTimer:
     return out
 
 
+class TimeLimit:
+  """A run's wall-clock budget, counted from construction (set-up and compilation included).
+
+  Every process gets the same answer (process 0's clock decides), so a multi-host job
+  stops at the same step everywhere instead of leaving some hosts in a collective.
+  """
+
+  def __init__(self, seconds: float):
+    self.seconds = float(seconds or 0.0)
+    self._start = time.monotonic()
+
+  def reached(self) -> bool:
+    if not self.seconds:
+      return False
+    over = time.monotonic() - self._start > self.seconds
+    if jax.process_count() > 1:
+      over = bool(multihost_utils.broadcast_one_to_all(np.asarray(over)))
+    return over
+
+
 def check_finite(step: int, loss: float, *, last_good: int | None, directory: Any) -> None:
   """Raises ``FloatingPointError`` with advice; call when a loss or gradient went non-finite.
 

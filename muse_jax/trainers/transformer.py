@@ -99,6 +99,7 @@ def base_config() -> ml_collections.ConfigDict:
     keep_every=5000,
     async_checkpoints=True,
     distributed="auto",  # jax.distributed.initialize(): "auto", "on", "off".
+    time_limit_s=0.0,  # Stop (saving a checkpoint) this long after the call began (0: none).
   )
   c.optim = dict(
     name="adafactor",
@@ -340,6 +341,7 @@ def train_and_evaluate(
     The final train state.
   """
   common.maybe_initialize_distributed(config.train.distributed)
+  time_limit = common.TimeLimit(config.train.get("time_limit_s", 0.0))
   workdir = pathlib.Path(workdir)
   mesh, rules = mesh_and_rules(config)
   t = config.train
@@ -415,7 +417,8 @@ def train_and_evaluate(
           finite & jnp.isfinite(metrics["train/loss"]) & jnp.isfinite(metrics["train/grad_norm"])
         )
         progress.update(1)
-        must_save = ckpt.should_save(step) or step == t.steps
+        out_of_time = time_limit.reached()
+        must_save = ckpt.should_save(step) or step == t.steps or out_of_time
         if step % t.log_every == 0 or must_save or step == start + 1:
           values = common.fetch(metrics)
           last_loss = float(values["train/loss"])
@@ -445,6 +448,11 @@ def train_and_evaluate(
           if ckpt.reached_preemption(step):
             logging.warning("Preemption announced: saved step %d, exiting.", step)
             break
+        if out_of_time:
+          logging.warning(
+            "train.time_limit_s=%g reached: saved step %d, stopping.", t.time_limit_s, step
+          )
+          break
     finally:
       progress.close()
       ckpt.close()

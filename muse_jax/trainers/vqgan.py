@@ -34,7 +34,6 @@ import json
 import math
 import os
 import pathlib
-import time
 from typing import Any, NamedTuple
 
 from absl import logging
@@ -369,7 +368,7 @@ def train_and_evaluate(
   Returns:
     The final train state.
   """
-  started = time.monotonic()  # train.time_limit_s counts set-up and compilation too
+  time_limit = common.TimeLimit(config.train.time_limit_s)  # set-up and compilation count too
   common.maybe_initialize_distributed(config.train.distributed)
   workdir = pathlib.Path(workdir)
   t = config.train
@@ -472,7 +471,7 @@ def train_and_evaluate(
         state, metrics = steps[use_gan](state, batch, lpips_params)
         finite = finite & jnp.isfinite(metrics["train/loss"])
         progress.update(1)
-        out_of_time = bool(t.time_limit_s) and time.monotonic() - started > t.time_limit_s
+        out_of_time = time_limit.reached()
         must_save = ckpt.should_save(step) or step == t.steps or out_of_time
         if step % t.log_every == 0 or must_save or step == start + 1:
           values = common.fetch(metrics)

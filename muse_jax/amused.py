@@ -149,6 +149,11 @@ class AmusedStage:
     conds = micro_conditioning(width, height, crop=crop, aesthetic_score=aesthetic_score)
     return dataclasses.replace(self, micro_conds=conds)
 
+  def with_dtype(self, dtype: Any) -> AmusedStage:
+    """A copy computing in ``dtype``: ``bfloat16`` multiplies in bfloat16 and sums in
+    float32 (the logits stay float32), ~1.45x faster on AVX512-BF16 CPUs."""
+    return dataclasses.replace(self, model=self.model.clone(dtype=jnp.dtype(dtype)))
+
   def logits(
     self,
     params: Any,
@@ -257,10 +262,13 @@ def stage_config_from_diffusers(root: PathLike) -> dict[str, Any]:
   }
 
 
-def _stage_from_config(config: dict[str, Any], param_dtype: Any = None) -> AmusedStage:
+def _stage_from_config(
+  config: dict[str, Any], param_dtype: Any = None, dtype: Any = None
+) -> AmusedStage:
   model = UVit2D(
     **config["uvit"],
     scan_layers=True,
+    dtype=jnp.dtype(dtype or config.get("dtype", "float32")),
     param_dtype=jnp.dtype(param_dtype or config.get("param_dtype", "float32")),
   )
   return AmusedStage(
@@ -276,6 +284,7 @@ def load_amused_stage(
   *,
   mesh: jax.sharding.Mesh | None = None,
   rules: partitioning.Rules = partitioning.DEFAULT_RULES,
+  dtype: Any = None,
 ) -> tuple[AmusedStage, Any]:
   """Loads aMUSEd's U-ViT as a pipeline stage, parameters placed by the logical rules.
 
@@ -286,6 +295,8 @@ def load_amused_stage(
       ``vqvae/`` configs).
     mesh: devices to place the parameters on (default: all, on ``data``).
     rules: logical-to-mesh rules.
+    dtype: computation dtype; default: the converted config's ``dtype`` (float32
+      unless converted with ``--dtype bfloat16``; see ``AmusedStage.with_dtype``).
 
   Returns:
     ``(stage, params)``.
@@ -302,11 +313,11 @@ def load_amused_stage(
         "nor a diffusers aMUSEd folder (transformer/, scheduler/, vqvae/)"
       )
     config = stage_config_from_diffusers(root)
-    stage = _stage_from_config(config, np.float32)
+    stage = _stage_from_config(config, np.float32, dtype)
     shardings = partitioning.logical_shardings(stage.abstract_params(), mesh, rules)
     _, params = load_uvit(root / "transformer", shardings=shardings)
     return stage, params
-  stage = _stage_from_config(config)
+  stage = _stage_from_config(config, dtype=dtype)
   boxed = stage.abstract_params()
   shardings = partitioning.logical_shardings(boxed, mesh, rules)
   abstract = jax.tree.map(

@@ -23,6 +23,13 @@ _VARIANT = flags.DEFINE_string(
 _PARAM_DTYPE = flags.DEFINE_enum(
   "param_dtype", "float32", ["float32", "bfloat16"], "Storage dtype of the converted U-ViT."
 )
+_DTYPE = flags.DEFINE_enum(
+  "dtype",
+  "float32",
+  ["float32", "bfloat16"],
+  "Computation dtype of the U-ViT when sampling: bfloat16 multiplies in bfloat16 and sums in "
+  "float32 (the TPU's matmul; ~1.45x faster on AVX512-BF16 CPUs).",
+)
 _FORCE = flags.DEFINE_bool("force", False, "Convert even if --dst already holds this conversion.")
 
 
@@ -40,6 +47,7 @@ def main(argv: list[str]) -> None:
       _DST.value,
       variant=_VARIANT.value,
       param_dtype=_PARAM_DTYPE.value,
+      dtype=_DTYPE.value,
       force=_FORCE.value,
     )
   except (ConversionError, FileNotFoundError) as e:

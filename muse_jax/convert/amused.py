@@ -53,7 +53,7 @@ PARTS = ("transformer", "vqvae", "text_encoder", "tokenizer", "scheduler")
 COPIED = ("vqvae", "text_encoder", "tokenizer", "scheduler")
 # Weight formats we never read (torch pickles, other frameworks): not copied.
 _SKIPPED = (".bin", ".ckpt", ".pt", ".pth", ".msgpack", ".h5", ".onnx", ".bin.index.json")
-_PARAM_DTYPES = ("float32", "bfloat16")
+DTYPES = ("float32", "bfloat16")
 
 
 class ConversionError(ValueError):
@@ -181,10 +181,14 @@ def _sampler_settings(schedule: str) -> dict[str, Any]:
 
 
 def _write_transformer(
-  src: pathlib.Path, dst: pathlib.Path, stage: dict[str, Any], variant, param_dtype: str
+  src: pathlib.Path,
+  dst: pathlib.Path,
+  stage: dict[str, Any],
+  variant: str | None,
+  param_dtype: str,
+  dtype: str,
 ) -> None:
-  dtype = jnp.dtype(param_dtype)
-  _, params = load_uvit(src / "transformer", variant=variant, param_dtype=dtype)
+  _, params = load_uvit(src / "transformer", variant=variant, param_dtype=jnp.dtype(param_dtype))
   config = {
     "format": amused.FORMAT,
     "uvit": stage["uvit"],
@@ -192,6 +196,7 @@ def _write_transformer(
     "mask_id": stage["mask_id"],
     "micro_conds": stage["micro_conds"],
     "param_dtype": param_dtype,
+    "dtype": dtype,
     "source": str(src / "transformer"),
   }
   with checkpointing.Checkpointer(dst, async_save=False, keep=None) as ckpt:
@@ -216,6 +221,7 @@ def convert_amused(
   *,
   variant: str | None = None,
   param_dtype: str = "float32",
+  dtype: str = "float32",
   force: bool = False,
 ) -> Converted:
   """Converts an aMUSEd folder into a run folder (see the module docstring).
@@ -225,6 +231,8 @@ def convert_amused(
     dst: the run folder to write; replaced if it holds an older conversion.
     variant: weights variant to read, e.g. ``"fp16"`` for ``*.fp16.safetensors``.
     param_dtype: storage dtype of the U-ViT parameters, ``float32`` or ``bfloat16``.
+    dtype: the U-ViT's computation dtype when loaded (``float32`` or ``bfloat16``:
+      bfloat16 products with float32 sums, ~1.45x faster on AVX512-BF16 CPUs).
     force: convert even if ``dst`` already holds this conversion.
 
   Returns:
@@ -235,8 +243,9 @@ def convert_amused(
       else than a conversion; the message is one line naming it.
   """
   src, dst = pathlib.Path(src).resolve(), pathlib.Path(dst).absolute()
-  if param_dtype not in _PARAM_DTYPES:
-    raise ConversionError(f"param_dtype must be one of {_PARAM_DTYPES}; got {param_dtype!r}")
+  for name, value in (("param_dtype", param_dtype), ("dtype", dtype)):
+    if value not in DTYPES:
+      raise ConversionError(f"{name} must be one of {DTYPES}; got {value!r}")
   check_source(src)
   if dst == src or src in dst.parents:
     raise ConversionError(f"the destination {dst} must lie outside the source {src}")
@@ -253,7 +262,7 @@ def convert_amused(
   if not any(n.endswith((".safetensors", ".safetensors.index.json")) for n in uvit_files):
     stem = "diffusion_pytorch_model" + (f".{variant}" if variant else "")
     raise ConversionError(f"{src / 'transformer'} holds no {stem}.safetensors")
-  options = {"variant": variant, "param_dtype": param_dtype}
+  options = {"variant": variant, "param_dtype": param_dtype, "dtype": dtype}
   every_file = [p for files in [*copies.values(), uvit_files] for p in files.values()]
   fingerprint = _fingerprint(src, every_file, options)
   record = {"source": str(src), "fingerprint": fingerprint, **options}
@@ -278,7 +287,7 @@ def convert_amused(
       for name, path in files.items():
         _link_or_copy(path, tmp / part / name)
     logging.info("Converting the U-ViT of %s.", src)
-    _write_transformer(src, tmp / "transformer", stage, variant, param_dtype)
+    _write_transformer(src, tmp / "transformer", stage, variant, param_dtype, dtype)
     runs.write_layout(
       tmp,
       tokenizer="vqvae",

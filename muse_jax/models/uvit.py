@@ -298,8 +298,16 @@ class UVit2D(nn.Module):
 
     x = Dense((self.in_channels,), (EMBED, None), 1, bias, **types, name="mlm_conv1")(x)
     x = RMSNorm(eps, affine, **types, name="mlm_norm")(x)
-    logits = Dense((self.codebook_size,), (EMBED, VOCAB), 1, bias, **types, name="mlm_conv2")(x)
-    return constrain(logits.astype(jnp.float32), (BATCH, None, None, None))  # [B, h, w, K]
+    logits = Dense(  # float32 out: rounding logits to bfloat16 would perturb the sampling
+      (self.codebook_size,),
+      (EMBED, VOCAB),
+      1,
+      bias,
+      **types,
+      out_dtype=jnp.float32,
+      name="mlm_conv2",
+    )(x)
+    return constrain(logits, (BATCH, None, None, None))  # [B, h, w, K]
 
   def _transformer(
     self, x: jax.Array, context: jax.Array, cond: jax.Array, deterministic: bool

@@ -27,16 +27,16 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   # f=8 VQ tokenizer: 64x64 pixels -> 8x8 tokens.
   c.tokenizer = dict(
-    channels=(32, 64, 64, 64),
+    channels=(16, 32, 64, 64),
     num_res_blocks=1,
     latent_channels=32,
     codebook_size=256,
-    steps=600,
-    batch_size=32,
-    lr=2e-3,
+    steps=500,
+    batch_size=16,
+    lr=1e-3,
     time_limit_s=150.0,
   )
-  c.preencode = dict(num_examples=16384, batch_size=256)
+  c.preencode = dict(num_examples=4096, batch_size=256)
 
   # Base masked transformer over the 8x8 tokens.
   c.base = dict(
@@ -44,11 +44,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     num_layers=4,
     num_heads=4,
     mlp_dim=512,
-    steps=2000,
-    batch_size=64,
+    steps=800,
+    batch_size=32,
     lr=1e-3,
-    warmup_steps=100,
-    time_limit_s=270.0,
+    warmup_steps=50,
+    time_limit_s=240.0,
   )
 
   # Sampling and judging.

@@ -142,7 +142,7 @@ def main() -> None:
     import torch
 
     xt = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()
-    idt = torch.from_numpy(np.asarray(ids)).long()
+    idt = torch.from_numpy(np.array(ids)).long()
     shape = (args.batch, h, h, model.code_dim)
     with torch.no_grad():
       t_enc = lambda: tm.quantize(tm.encode(xt).latents)[2][2]

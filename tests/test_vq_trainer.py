@@ -119,14 +119,18 @@ def test_decoder_finetune_freezes_encoder_and_codebook(trained, tmp_path):
   assert state.params["decoder"]["conv_in"]["kernel"].shape[-1] == 32
 
 
-def test_finetune_from_a_mismatched_tokenizer_names_both(trained, tmp_path):
-  src, _, _ = trained
+def test_finetune_from_a_mismatched_tokenizer_names_both(fixtures_dir, tmp_path):
+  """aMUSEd-layout config whose codebook (32) differs from the diffusers folder's (64)."""
+  src = fixtures_dir / "vq" / "amused_tiny"
   c = tiny_config(steps=1)
-  c.model.codebook_size = 64
+  c.model.update(
+    channels=(32, 64), decoder_num_res_blocks=2, downsample="conv", use_quant_conv=True, embed_dim=8,
+    norm_groups=8, codebook_size=32, mid_attention=False, input_range=(0.0, 1.0),
+  )  # fmt: skip
   c.finetune.checkpoint = str(src)
   with pytest.raises(
     ValueError,
-    match=r"does not match the config's quantize \(codebook_size 64 vs 32\).*\(64, 8\) vs checkpoint \(32, 8\)",
+    match=r"does not match the config's quantize \(codebook_size 32 vs 64\).*\(32, 8\) vs checkpoint \(64, 8\)",
   ):
     vqgan.train_and_evaluate(c, tmp_path / "bad")
 

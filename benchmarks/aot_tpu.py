@@ -26,6 +26,7 @@ libtpu makes every jax start on this host probe for TPUs); install it aside once
   pip install --no-deps --target ~/.cache/muse_jax/libtpu 'libtpu==0.0.42.1'  # jax[tpu]==0.10.2's
   python benchmarks/aot_tpu.py                      # Muse-3B and super-res, v4 64 and 512 chips
   python benchmarks/aot_tpu.py --models muse_base_3b --chips 512 --batch 512 --cost none  # memory only
+  python benchmarks/aot_tpu.py --models muse_superres_512 --chips 64 --set model.remat_policy=full
 
 (`pip install 'jax[tpu]==0.10.2'` works too: then --libtpu_dir is not needed.)
 """
@@ -70,11 +71,21 @@ def _setup_env(libtpu_dir: str | None, chips: int) -> None:
   sys.path.insert(0, str(ROOT))
 
 
+OVERRIDES: dict[str, str] = {}  # --set key=value, applied to every config loaded
+
+
 def _load_config(name: str):
   spec = importlib.util.spec_from_file_location(name, ROOT / "configs" / f"{name}.py")
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
-  return module.get_config(None)
+  config = module.get_config(None)
+  for key, value in OVERRIDES.items():
+    *parents, leaf = key.split(".")
+    node = config
+    for p in parents:
+      node = node[p]
+    node[leaf] = type(node[leaf])(value) if node[leaf] is not None else value
+  return config
 
 
 @dataclasses.dataclass
@@ -241,7 +252,16 @@ def main() -> None:
     default="~/.cache/muse_jax/libtpu",
     help="where libtpu was pip-installed with --target",
   )
+  parser.add_argument(
+    "--set",
+    action="append",
+    default=[],
+    help="config override KEY=VALUE, e.g. --set model.remat_policy=full (repeatable)",
+  )
   args = parser.parse_args()
+  for item in args.set:
+    key, _, value = item.partition("=")
+    OVERRIDES[key] = value
   chip_counts = [int(c) for c in args.chips.split(",")]
   bad = [c for c in chip_counts if c not in V4_SHAPES]
   if bad:

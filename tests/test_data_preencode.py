@@ -185,19 +185,16 @@ def test_records_round_trip_and_reject_garbage():
 
 
 def test_tokenizer_flag_parsing():
-  from muse_jax.cli import preencode as cli
-
-  assert cli.parse_tokenizer("256=gs://b/vq_f16") == ("256", 256, "gs://b/vq_f16")
-  assert cli.parse_tokenizer("lo@256=/x=y") == ("lo", 256, "/x=y")
-  with pytest.raises(Exception, match="RESOLUTION=PATH"):
-    cli.parse_tokenizer("/ckpt/vq")
+  assert preencode.parse_tokenizer("256=gs://b/vq_f16") == ("256", 256, "gs://b/vq_f16")
+  assert preencode.parse_tokenizer("lo@256=/x=y") == ("lo", 256, "/x=y")
+  with pytest.raises(ValueError, match="RESOLUTION=PATH"):
+    preencode.parse_tokenizer("/ckpt/vq")
 
 
 def test_preencode_with_the_real_tokenizer_and_text_encoder(tmp_path, fixtures_dir):
   import jax
 
   from muse_jax import partitioning
-  from muse_jax.cli import preencode as cli
   from muse_jax.trainers.vqgan import load_tokenizer
 
   examples = _shapes_folder(tmp_path / "src", n=5)
@@ -207,8 +204,8 @@ def test_preencode_with_the_real_tokenizer_and_text_encoder(tmp_path, fixtures_d
   preencode.preencode(
     source,
     tmp_path / "out",
-    tokenizers=[cli.image_tokenizer("64", 64, str(vq), mesh)],
-    encode_text=cli.text_encoder(str(clip), 0, "float32", mesh),
+    tokenizers=[preencode.image_tokenizer("64", 64, str(vq), mesh)],
+    encode_text=preencode.text_encoder(str(clip), 0, "float32", mesh),
     batch_size=8,
     progress=False,
   )

@@ -12,7 +12,7 @@ import pytest
 import safetensors.numpy
 
 from muse_jax import checkpointing
-from muse_jax.cli.reconstruct import reconstruct_folder
+from muse_jax.eval.reconstruction import reconstruct_folder
 from muse_jax.models.perceptual import LPIPS_TAPS, VGG16_CONVS
 from muse_jax.trainers import vqgan
 

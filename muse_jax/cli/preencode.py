@@ -14,11 +14,9 @@ interruption. On several hosts, run it on each; every host encodes its own part.
       --text_encoder=/models/t5-v1_1-xxl --text_length=128
 """
 
-from absl import app, flags, logging
+from absl import app, flags
 import jax
-import jax.numpy as jnp
 from ml_collections import config_flags
-import numpy as np
 
 from muse_jax import partitioning
 from muse_jax.data import pipeline, preencode, sources
@@ -48,54 +46,15 @@ _PER_SHARD = flags.DEFINE_integer("examples_per_shard", 4096, "Source examples p
 _THREADS = flags.DEFINE_integer("num_threads", 16, "Read / decode threads.")
 
 
-def parse_tokenizer(spec: str) -> tuple[str, int, str]:
-  """`[NAME@]RESOLUTION=PATH` -> (name, resolution, path)."""
-  head, sep, path = spec.partition("=")
-  name, _, resolution = head.rpartition("@")
-  if not sep or not path or not resolution.isdigit():
-    raise app.UsageError(
-      f"--tokenizer={spec!r} is not [NAME@]RESOLUTION=PATH, e.g. 256=/ckpt/vq_f16"
-    )
-  return name or resolution, int(resolution), path
-
-
-def image_tokenizer(name: str, resolution: int, path: str, mesh) -> preencode.ImageTokenizer:
-  """A VQ tokenizer whose batch is split over this host's devices."""
-  from muse_jax.trainers.vqgan import load_tokenizer
-
-  tokenizer = load_tokenizer(path)
-  params = jax.device_put(tokenizer.params, partitioning.replicated(mesh))
-  tokenizer = tokenizer._replace(params=params)
-  logging.info("tokenizer %s: %s at %d px", name, path, resolution)
-
-  def encode(images: np.ndarray) -> np.ndarray:  # uint8 [B, R, R, 3] -> ids [B, h, w]
-    return np.asarray(tokenizer.encode(partitioning.shard_batch(images, mesh)))
-
-  return preencode.ImageTokenizer(name, resolution, encode)
-
-
-def text_encoder(path: str, length: int, dtype: str, mesh) -> preencode.TextEncodeFn:
-  from muse_jax.text import TextEncoder
-
-  encoder = TextEncoder.from_pretrained(
-    path, max_length=length or None, dtype=jnp.dtype(dtype), mesh=mesh
-  )
-  logging.info("text encoder: %r", encoder)
-
-  def encode(captions: list[str]) -> tuple:
-    out = encoder.encode(captions)
-    pooled = None if out.pooled is None else np.asarray(out.pooled, np.float32)
-    return np.asarray(out.embeddings, np.float32), np.asarray(out.mask), pooled
-
-  return encode
-
-
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {argv[1:]}")
   if not _OUT.value or not _TOKENIZERS.value or not _TEXT_ENCODER.value:
     raise app.UsageError("--out, at least one --tokenizer and --text_encoder are required")
-  specs = [parse_tokenizer(s) for s in _TOKENIZERS.value]
+  try:
+    specs = [preencode.parse_tokenizer(s) for s in _TOKENIZERS.value]
+  except ValueError as e:
+    raise app.UsageError(str(e)) from None
   if len({name for name, _, _ in specs}) != len(specs):
     raise app.UsageError(f"two tokenizers share a name: {specs}; name them NAME@RESOLUTION=PATH")
   mesh = partitioning.make_mesh(devices=jax.local_devices())
@@ -114,12 +73,14 @@ def main(argv: list[str]) -> None:
     )
   except ValueError as e:
     raise app.UsageError(str(e)) from None
-  tokenizers = [image_tokenizer(name, res, path, mesh) for name, res, path in specs]
+  tokenizers = [preencode.image_tokenizer(name, res, path, mesh) for name, res, path in specs]
   totals = preencode.preencode(
     source,
     _OUT.value,
     tokenizers=tokenizers,
-    encode_text=text_encoder(_TEXT_ENCODER.value, _TEXT_LENGTH.value, _TEXT_DTYPE.value, mesh),
+    encode_text=preencode.text_encoder(
+      _TEXT_ENCODER.value, _TEXT_LENGTH.value, _TEXT_DTYPE.value, mesh
+    ),
     batch_size=_BATCH.value,
     examples_per_shard=_PER_SHARD.value,
     process_index=jax.process_index(),

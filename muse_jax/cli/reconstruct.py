@@ -8,10 +8,9 @@ per side, i.e. 16 x the tokenizer's downsampling factor).
   muse-jax reconstruct --checkpoint /tmp/vq_tiny --images photos/ --out /tmp/recon
 """
 
-import pathlib
-
 from absl import flags
-import numpy as np
+
+from muse_jax.eval.reconstruction import reconstruct_folder
 
 _CHECKPOINT = flags.DEFINE_string(
   "checkpoint", None, "train-vq workdir or diffusers VQModel folder."
@@ -23,45 +22,6 @@ _SIZE = flags.DEFINE_integer(
 )
 _BATCH = flags.DEFINE_integer("batch_size", 8, "Images per forward pass.")
 flags.mark_flags_as_required(["checkpoint", "images", "out"])
-
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
-
-
-def reconstruct_folder(
-  checkpoint: str, images: str, out: str, size: int = 0, batch_size: int = 8
-) -> dict:
-  """Reconstructs every image of a folder; returns {"psnr", "codebook_usage", "files"}."""
-  from muse_jax import images as images_lib
-  from muse_jax.trainers.vqgan import load_tokenizer
-
-  files = sorted(p for p in pathlib.Path(images).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-  if not files:
-    raise FileNotFoundError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in {images}")
-  tok = load_tokenizer(checkpoint)
-  f = tok.model.downsample_factor
-  size = size or 16 * f
-  if size % f:
-    raise ValueError(f"--size {size} is not a multiple of the tokenizer's downsampling factor {f}")
-  out_dir = pathlib.Path(out)
-  out_dir.mkdir(parents=True, exist_ok=True)
-  psnrs, ids_all = [], []
-  for i in range(0, len(files), batch_size):
-    chunk = files[i : i + batch_size]
-    x = np.stack([images_lib.load_rgb(p, size) for p in chunk])
-    ids = np.asarray(tok.encode(x))
-    rec = tok.decode(ids)
-    ids_all.append(ids.reshape(-1))
-    for p, a, b in zip(chunk, x, rec, strict=True):
-      mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
-      psnrs.append(10 * np.log10(255.0**2 / max(mse, 1e-10)))
-      images_lib.save_png(b, out_dir / f"{p.stem}.png")
-  used = np.unique(np.concatenate(ids_all)).size
-  return {
-    "psnr": float(np.mean(psnrs)),
-    "codebook_usage": used / tok.model.codebook_size,
-    "codes_used": int(used),
-    "files": len(files),
-  }
 
 
 def main(argv: list[str]) -> None:

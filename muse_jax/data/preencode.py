@@ -310,3 +310,51 @@ def preencode(
   totals.update({name: int(c) for name, c in zip(EVENTS, counts, strict=True) if c})
   _write_json(out / host_marker(process_index, process_count), totals | {"shards": len(names)})
   return totals
+
+
+# ----------------------------------------------------------------------------- loaders
+
+
+def parse_tokenizer(spec: str) -> tuple[str, int, str]:
+  """`[NAME@]RESOLUTION=PATH` -> (name, resolution, path)."""
+  head, sep, path = spec.partition("=")
+  name, _, resolution = head.rpartition("@")
+  if not sep or not path or not resolution.isdigit():
+    raise ValueError(f"--tokenizer={spec!r} is not [NAME@]RESOLUTION=PATH, e.g. 256=/ckpt/vq_f16")
+  return name or resolution, int(resolution), path
+
+
+def image_tokenizer(name: str, resolution: int, path: str, mesh) -> ImageTokenizer:
+  """A VQ tokenizer whose batch is split over this host's devices."""
+  import jax
+
+  from muse_jax import partitioning
+  from muse_jax.trainers.vqgan import load_tokenizer
+
+  tokenizer = load_tokenizer(path)
+  params = jax.device_put(tokenizer.params, partitioning.replicated(mesh))
+  tokenizer = tokenizer._replace(params=params)
+  logging.info("tokenizer %s: %s at %d px", name, path, resolution)
+
+  def encode(images: np.ndarray) -> np.ndarray:  # uint8 [B, R, R, 3] -> ids [B, h, w]
+    return np.asarray(tokenizer.encode(partitioning.shard_batch(images, mesh)))
+
+  return ImageTokenizer(name, resolution, encode)
+
+
+def text_encoder(path: str, length: int, dtype: str, mesh) -> TextEncodeFn:
+  import jax.numpy as jnp
+
+  from muse_jax.text import TextEncoder
+
+  encoder = TextEncoder.from_pretrained(
+    path, max_length=length or None, dtype=jnp.dtype(dtype), mesh=mesh
+  )
+  logging.info("text encoder: %r", encoder)
+
+  def encode(captions: list[str]) -> tuple:
+    out = encoder.encode(captions)
+    pooled = None if out.pooled is None else np.asarray(out.pooled, np.float32)
+    return np.asarray(out.embeddings, np.float32), np.asarray(out.mask), pooled
+
+  return encode

@@ -14,12 +14,10 @@ import pathlib
 
 import jax
 import ml_collections
-import numpy as np
 
 from muse_jax import runs
 from muse_jax.convert import random_init
 from muse_jax.data import preencode, shapes
-from muse_jax.text import TextEncoder
 from muse_jax.trainers import transformer as transformer_trainer
 from muse_jax.trainers import vqgan as vq_trainer
 
@@ -87,18 +85,15 @@ def train_tokenizer(config: ml_collections.ConfigDict, workdir: pathlib.Path) ->
 def encode_training_set(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> None:
   """Token ids + text embeddings of the training examples, as ArrayRecord shards."""
   p = config.preencode
-  tokenizer = vq_trainer.load_tokenizer(workdir / TOKENIZER)
-  text = TextEncoder.from_pretrained(workdir / TEXT, max_length=config.text.max_length)
-
-  def encode_text(captions):
-    out = text.encode(captions)
-    return np.asarray(out.embeddings), np.asarray(out.mask)
-
+  mesh = partitioning.make_mesh(devices=jax.local_devices())
+  tokenizer = preencode.image_tokenizer(TOKENS, config.image_size, str(workdir / TOKENIZER), mesh)
   preencode.preencode(
     shapes_source(config, length=p.num_examples),
     workdir / DATA,
-    tokenizers=[preencode.ImageTokenizer(TOKENS, config.image_size, tokenizer.encode)],
-    encode_text=encode_text,
+    tokenizers=[tokenizer],
+    encode_text=preencode.text_encoder(
+      str(workdir / TEXT), config.text.max_length, "float32", mesh
+    ),
     batch_size=p.batch_size,
     examples_per_shard=p.num_examples,
     description="muse-jax demo: shapes train split",

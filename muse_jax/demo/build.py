@@ -15,7 +15,7 @@ import pathlib
 import jax
 import ml_collections
 
-from muse_jax import runs
+from muse_jax import partitioning, runs
 from muse_jax.convert import random_init
 from muse_jax.data import preencode, shapes
 from muse_jax.trainers import transformer as transformer_trainer

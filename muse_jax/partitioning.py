@@ -181,6 +181,17 @@ def logical_shardings(abstract_tree: Any, mesh: Mesh, rules: Rules = DEFAULT_RUL
   return nn.logical_to_mesh_sharding(specs, mesh, rules)
 
 
+def sharded_abstract(boxed_abstract: Any, mesh: Mesh, rules: Rules = DEFAULT_RULES) -> Any:
+  """An ``eval_shape`` tree with axis names -> unboxed ``ShapeDtypeStruct``s that carry
+  their shardings: the target to restore a checkpoint straight onto its devices."""
+  shardings = logical_shardings(boxed_abstract, mesh, rules)
+  return jax.tree.map(
+    lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+    unbox_abstract(boxed_abstract),
+    shardings,
+  )
+
+
 def sharded_init(
   init_fn: Callable[..., Any],
   mesh: Mesh,

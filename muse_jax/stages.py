@@ -125,13 +125,7 @@ def load_muse_stage(
   model = trainer.make_model(config.model)
   stage = MuseStage(model, text_length=config.text.length, text_dim=config.text.dim)
   mesh = mesh or partitioning.make_mesh()
-  boxed = stage.abstract_params()
-  shardings = partitioning.logical_shardings(boxed, mesh, rules)
-  abstract = jax.tree.map(
-    lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-    partitioning.unbox_abstract(boxed),
-    shardings,
-  )
+  abstract = partitioning.sharded_abstract(stage.abstract_params(), mesh, rules)
   with checkpointing.Checkpointer(ckpt_dir, async_save=False) as ckpt:
     restored = ckpt.restore_or_none({"params": abstract}, step=step, partial=True)
   if restored is None:

@@ -234,8 +234,7 @@ def stage_config_from_diffusers(root: PathLike) -> dict[str, Any]:
   the default micro-conditioning's original size the output size).
 
   Returns:
-    ``{"uvit": UVit2D kwargs, "grid", "mask_id", "micro_conds", "schedule",
-    "downsample_factor"}``.
+    ``{"uvit": UVit2D kwargs, "grid", "mask_id", "micro_conds", "schedule"}``.
 
   Raises:
     FileNotFoundError / ValueError: naming the file and what is wrong.
@@ -258,7 +257,6 @@ def stage_config_from_diffusers(root: PathLike) -> dict[str, Any]:
     "mask_id": int(sched["mask_token_id"]),
     "micro_conds": list(micro_conditioning(size, size)),
     "schedule": sched.get("masking_schedule", "cosine"),
-    "downsample_factor": factor,
   }
 
 

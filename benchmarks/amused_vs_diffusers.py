@@ -1,0 +1,325 @@
+r"""One 256x256 aMUSEd image, end to end: diffusers' AmusedPipeline vs ours, side by side.
+
+Builds one random aMUSEd-architecture pipeline (no download): a U-ViT of the size
+asked for, the real-size VQ (f = 16, 8192 codes) and a CLIP-L/14 text encoder with
+projection, with the CLIP BPE tokenizer of the test fixtures (token ids only index
+the embedding, so the cost is that of the real one). It is saved as a diffusers
+folder with ``save_pretrained``, converted with ``muse_jax.convert.amused``, and
+then both pipelines make the same request (one prompt, 12 steps, guidance 10 =
+our t = 9, temperature 2 -> 0, cosine) ``--runs`` times, interleaved so that the
+load of a shared machine hits both alike. Ours runs twice: with the U-ViT in float32
+(diffusers' precision) and in bfloat16 (bfloat16 products, float32 sums and logits:
+the TPU's native matmul, twice the float32 rate on AVX512-BF16 CPUs). Reported: the
+medians, the ratios, and where the time goes in each (text encoder, transformer
+steps, sampling arithmetic, VQ decode).
+
+Sizes (``--size``):
+  mid:  U-ViT 512 wide, 8 layers, 8 heads, GEGLU 1408; the conv stages as amused-256
+  full: amused-256 (1024 wide, 22 layers, 16 heads, GEGLU 2816)
+
+Needs torch, diffusers and transformers (not the test suite's dependencies):
+
+  python benchmarks/amused_vs_diffusers.py --size mid --runs 5
+  python benchmarks/amused_vs_diffusers.py --size full --runs 3 --out /tmp/amused_full.json
+  taskset -c 0 python benchmarks/amused_vs_diffusers.py --size mid   # one core each
+
+The breakdown counts CPU seconds (with one thread per side, as under `taskset -c 0`,
+that is the work done, whatever else the machine runs). Diffusers' parts are timed
+around its modules' calls; ours as separately compiled functions: the text encoder, one
+guided U-ViT call (x N steps), the whole decode loop (its remainder is the sampling
+arithmetic) and the VQ decode.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import pathlib
+import statistics
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+SIZES = {
+  "mid": dict(hidden_size=512, num_hidden_layers=8, num_attention_heads=8, intermediate_size=1408),
+  "full": dict(),  # UVit2DModel's defaults are amused-256's
+}
+PROMPT = "a photograph of an astronaut riding a horse"
+NUM_STEPS, GUIDANCE = 12, 10.0
+
+
+# ---------------------------------------------------------------------------
+# The random diffusers pipeline.
+
+
+def build_diffusers_folder(size: str, folder: pathlib.Path) -> None:
+  from diffusers import AmusedPipeline, AmusedScheduler, UVit2DModel, VQModel
+  import torch
+  import transformers
+
+  torch.manual_seed(0)
+  transformer = UVit2DModel(sample_size=16, **SIZES[size])
+  vq_config = json.loads((ROOT / "tests" / "fixtures" / "vq" / "amused_256.json").read_text())
+  vqvae = VQModel(**{k: v for k, v in vq_config["config"].items() if not k.startswith("_")})
+  tokenizer = transformers.CLIPTokenizer.from_pretrained(
+    ROOT / "tests" / "fixtures" / "text" / "pipeline" / "tokenizer"
+  )
+  clip = transformers.CLIPTextConfig(  # CLIP-L/14's text tower, as in aMUSEd
+    vocab_size=49408,
+    hidden_size=768,
+    intermediate_size=3072,
+    num_hidden_layers=12,
+    num_attention_heads=12,
+    max_position_embeddings=77,
+    projection_dim=768,
+    hidden_act="quick_gelu",
+    bos_token_id=tokenizer.bos_token_id,
+    eos_token_id=2,
+    pad_token_id=tokenizer.pad_token_id,
+  )
+  text_encoder = transformers.CLIPTextModelWithProjection(clip)
+  with torch.no_grad():  # diffusers zero-initialises some weights; make every one matter
+    for module in (transformer, vqvae):
+      for p in module.parameters():
+        if p.numel() == 1 or float(p.std()) == 0.0:
+          p.add_(0.02 * torch.randn(p.shape))
+  pipe = AmusedPipeline(
+    vqvae=vqvae.eval(),
+    tokenizer=tokenizer,
+    text_encoder=text_encoder.eval(),
+    transformer=transformer.eval(),
+    scheduler=AmusedScheduler(mask_token_id=8255),
+  )
+  pipe.save_pretrained(folder, safe_serialization=True)
+
+
+# ---------------------------------------------------------------------------
+# Timing helpers.
+
+
+class Timers:
+  """Accumulates CPU seconds per name while patched callables run."""
+
+  def __init__(self):
+    self.total: dict[str, float] = {}
+
+  @contextlib.contextmanager
+  def patch(self, obj, attr: str, name: str):
+    real = getattr(obj, attr)
+
+    def timed(*args, **kwargs):
+      t = time.process_time()
+      try:
+        return real(*args, **kwargs)
+      finally:
+        self.total[name] = self.total.get(name, 0.0) + time.process_time() - t
+
+    setattr(obj, attr, timed)
+    try:
+      yield
+    finally:
+      setattr(obj, attr, real)
+
+
+def timed(fn, *args) -> float:
+  t = time.perf_counter()
+  fn(*args)
+  return time.perf_counter() - t
+
+
+def cpu_timed(fn, *args) -> float:
+  t = time.process_time()
+  jax_ready(fn(*args))
+  return time.process_time() - t
+
+
+def jax_ready(x):
+  if "jax" in sys.modules:
+    sys.modules["jax"].block_until_ready(x)
+  return x
+
+
+def timed_cpu(fn, *args) -> tuple[float, float]:
+  """(wall seconds, CPU seconds of this process) of one call."""
+  t, c = time.perf_counter(), time.process_time()
+  fn(*args)
+  return time.perf_counter() - t, time.process_time() - c
+
+
+# ---------------------------------------------------------------------------
+# The two sides.
+
+
+def diffusers_side(folder: pathlib.Path):
+  from diffusers import AmusedPipeline
+  import torch
+
+  torch.set_grad_enabled(False)
+  pipe = AmusedPipeline.from_pretrained(folder)
+  pipe.set_progress_bar_config(disable=True)
+
+  def run(seed: int) -> np.ndarray:
+    return pipe(
+      PROMPT,
+      num_inference_steps=NUM_STEPS,
+      guidance_scale=GUIDANCE,
+      generator=torch.Generator().manual_seed(seed),
+      output_type="np",
+    ).images
+
+  def breakdown(seed: int) -> dict[str, float]:
+    timers = Timers()
+    with contextlib.ExitStack() as stack:
+      stack.enter_context(timers.patch(pipe.text_encoder, "forward", "text"))
+      stack.enter_context(timers.patch(pipe.transformer, "forward", "transformer steps"))
+      stack.enter_context(timers.patch(pipe.scheduler, "step", "sampling arithmetic"))
+      stack.enter_context(timers.patch(pipe.vqvae, "decode", "VQ decode"))
+      total = cpu_timed(run, seed)
+    parts = dict(timers.total)
+    parts["other"] = total - sum(parts.values())
+    return {"total": total, **parts}
+
+  return run, breakdown
+
+
+def ours_side(loaded, dtype: str):
+  """Our pipeline with the U-ViT computing in ``dtype`` (the other parts as loaded)."""
+  import copy
+
+  import jax
+  import jax.numpy as jnp
+
+  from muse_jax import amused, sampling
+
+  pipe = copy.copy(loaded)
+  pipe.base_stage = loaded.base_stage.with_dtype(dtype)
+  options = pipe.base_options  # the converted run's: aMUSEd's preset
+  assert options == amused.AMUSED_SAMPLER, options
+  assert options.guidance_scale == amused.guidance_from_diffusers(GUIDANCE)
+
+  def run(seed: int) -> np.ndarray:
+    return pipe.generate([PROMPT], seed=seed)
+
+  stage, params = pipe.base_stage, pipe.base_params
+
+  @jax.jit
+  def one_step(params, ids, text, negative):
+    both = jax.tree.map(lambda a, b: jnp.concatenate([a, b]), text, negative)
+    logits_fn = lambda x: stage.logits(params, x, both)
+    return sampling.guided_logits(logits_fn, ids, jnp.float32(options.guidance_scale))
+
+  def breakdown(seed: int) -> dict[str, float]:
+    parts = {}
+    t = time.process_time()
+    text, negative = jax_ready(pipe.encode_prompts([PROMPT], None, guided=True))
+    parts["text"] = time.process_time() - t
+    ids = jnp.full((1, 256), stage.mask_id, jnp.int32)
+    jax_ready(one_step(params, ids, text, negative))  # compiled once
+    step = min(cpu_timed(one_step, params, ids, text, negative) for _ in range(2))
+    t = time.process_time()
+    tokens, _ = pipe.generate_tokens([PROMPT], seed=seed)
+    loop = time.process_time() - t - parts["text"]
+    parts["transformer steps"] = NUM_STEPS * step
+    parts["sampling arithmetic"] = max(loop - NUM_STEPS * step, 0.0)
+    parts["VQ decode"] = cpu_timed(pipe.tokenizer.decode, tokens.reshape(-1, *stage.grid))
+    total = cpu_timed(run, seed)
+    parts["other"] = max(total - sum(parts.values()), 0.0)
+    return {"total": total, **parts}
+
+  return run, breakdown
+
+
+# ---------------------------------------------------------------------------
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  parser.add_argument("--size", choices=sorted(SIZES), default="mid")
+  parser.add_argument("--runs", type=int, default=5, help="timed runs per side (after one warm-up)")
+  parser.add_argument("--workdir", default=None, help="keep the folders here (default: a temp dir)")
+  parser.add_argument("--out", default=None, help="also write the figures as JSON here")
+  args = parser.parse_args()
+
+  os.environ.setdefault("JAX_PLATFORMS", "cpu")
+  import jax
+  import torch
+
+  # Both sides use the cores this process may run on (`taskset -c 0` for one core:
+  # on a machine shared with other jobs, one thread per side is the fairer match).
+  torch.set_num_threads(len(os.sched_getaffinity(0)))
+
+  from muse_jax import runs
+  from muse_jax.convert.amused import convert_amused
+
+  workdir = pathlib.Path(args.workdir or tempfile.mkdtemp(prefix="amused_bench_"))
+  src, run_dir = workdir / f"diffusers_{args.size}", workdir / f"run_{args.size}"
+  if not (src / "model_index.json").is_file():
+    t = time.perf_counter()
+    build_diffusers_folder(args.size, src)
+    print(f"built the random diffusers folder in {time.perf_counter() - t:.1f} s: {src}")
+  t = time.perf_counter()
+  convert_amused(src, run_dir)
+  print(f"converted (or found converted) in {time.perf_counter() - t:.1f} s: {run_dir}")
+
+  t = time.perf_counter()
+  loaded = runs.load_pipeline(run_dir)
+  print(f"loaded ours in {time.perf_counter() - t:.1f} s")
+  sides = {"diffusers": diffusers_side(src)}
+  for dtype in ("float32", "bfloat16"):
+    sides[f"ours {dtype}"] = ours_side(loaded, dtype)
+  names = list(sides)
+  for name in names:  # warm-up: compiles ours, first-call costs of torch
+    print(f"first call of {name}: {timed(sides[name][0], 0):.1f} s (compilation included)")
+
+  times: dict[str, list[float]] = {name: [] for name in names}
+  cpu: dict[str, list[float]] = {name: [] for name in names}
+  for r in range(args.runs):
+    for name in names:
+      wall, used = timed_cpu(sides[name][0], r + 1)
+      times[name].append(wall)
+      cpu[name].append(used)
+    print(f"run {r + 1}: " + ", ".join(f"{n} {times[n][-1]:.2f} s" for n in names))
+  medians = {n: statistics.median(v) for n, v in times.items()}
+  cpu_medians = {n: statistics.median(v) for n, v in cpu.items()}
+  parts = {n: sides[n][1](99) for n in names}
+
+  print(
+    f"\naMUSEd {args.size}, one 256x256 image, {NUM_STEPS} steps, guidance {GUIDANCE:g}; "
+    f"{os.cpu_count()} CPUs ({jax.devices()[0].device_kind}), torch {torch.__version__} with "
+    f"{torch.get_num_threads()} threads; load average {os.getloadavg()[0]:.1f} at the end"
+  )
+  print(f"{'':22s}" + "".join(f"{n:>16s}" for n in names))
+  print(f"{'median of ' + str(args.runs):22s}" + "".join(f"{medians[n]:>15.2f}s" for n in names))
+  print(f"{'  its CPU time':22s}" + "".join(f"{cpu_medians[n]:>15.2f}s" for n in names))
+  print("one more run, CPU seconds by part:")
+  for part in ("text", "transformer steps", "sampling arithmetic", "VQ decode", "other", "total"):
+    print(f"  {part:20s}" + "".join(f"{parts[n].get(part, 0.0):>15.2f}s" for n in names))
+  ratios = {n: medians["diffusers"] / medians[n] for n in names[1:]}
+  for n, ratio in ratios.items():
+    print(f"speed-up of {n} (median diffusers / median {n}): {ratio:.2f}x")
+  if args.out:
+    pathlib.Path(args.out).write_text(
+      json.dumps(
+        {
+          "size": args.size,
+          "threads": torch.get_num_threads(),
+          "runs": times,
+          "cpu_seconds": cpu,
+          "medians": medians,
+          "ratios": ratios,
+          "parts": parts,
+        },
+        indent=2,
+      )
+    )
+
+
+if __name__ == "__main__":
+  main()

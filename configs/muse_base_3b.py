@@ -1,8 +1,9 @@
 """Muse-3B base transformer (paper §2.3, Table 6): 48 layers, width 2048, MLP 8192.
 
 32 heads of 64 (the paper does not give the head count). Trained on TPU v4-512 with
-batch 512 for ~1M steps; the default FSDP sharding (parameters and optimizer state over
-all chips) with bf16 compute fits one v4 chip's 32 GiB (see benchmarks/aot_tpu.py).
+batch 512 for ~1M steps. The default FSDP sharding (parameters and optimizer state over
+all chips), bf16 compute and "dots_no_batch" remat need 6.75 GiB per chip on v4 with 64
+chips, 2.2 GiB with 256 and 1.4 GiB with 512, of 32 GiB (benchmarks/aot_tpu.py).
 
   muse-jax train --config configs/muse_base_3b.py --workdir gs://BUCKET/muse_3b \\
       --config.data.source=pre_encoded --config.data.path=gs://BUCKET/shards

@@ -71,15 +71,15 @@ def test_cross_attention_ignores_padding():
 
 def _stack(scan, remat="none", attention="full"):
   return layers.BlockStack(
-      num_layers=3,
-      num_heads=2,
-      head_dim=4,
-      mlp_dim=16,
-      attention=attention,
-      grid=(4, 4),
-      window=2,
-      scan=scan,
-      remat_policy=remat,
+    num_layers=3,
+    num_heads=2,
+    head_dim=4,
+    mlp_dim=16,
+    attention=attention,
+    grid=(4, 4),
+    window=2,
+    scan=scan,
+    remat_policy=remat,
   )
 
 
@@ -100,7 +100,7 @@ def test_scan_equals_loop_and_remat_keeps_gradients(stack_inputs):
   params = nn.meta.unbox(params)
   # The same weights as separate layers.
   loop_params = {
-      f"layers_{i}": jax.tree.map(lambda p, i=i: p[i], params["layers"]) for i in range(3)
+    f"layers_{i}": jax.tree.map(lambda p, i=i: p[i], params["layers"]) for i in range(3)
   }
   out_scan = jax.jit(scanned.apply)({"params": params}, x, memory, mask)
   out_loop = jax.jit(_stack(scan=False).apply)({"params": loop_params}, x, memory, mask)
@@ -117,7 +117,9 @@ def test_scan_equals_loop_and_remat_keeps_gradients(stack_inputs):
 
 def test_every_parameter_has_logical_axes(stack_inputs):
   x, memory, mask = stack_inputs
-  abstract = jax.eval_shape(_stack(scan=False, attention="multi_axis").init, jax.random.key(0), x, memory, mask)
+  abstract = jax.eval_shape(
+    _stack(scan=False, attention="multi_axis").init, jax.random.key(0), x, memory, mask
+  )
   leaves = jax.tree.leaves(abstract, is_leaf=lambda v: isinstance(v, nn.LogicallyPartitioned))
   assert leaves and all(isinstance(v, nn.LogicallyPartitioned) for v in leaves)
   for v in leaves:
@@ -127,7 +129,9 @@ def test_every_parameter_has_logical_axes(stack_inputs):
 def test_bad_settings_are_reported():
   with pytest.raises(ValueError, match="window 3 must divide"):
     layers.Attention(num_heads=2, head_dim=4, kind="multi_axis", grid=(4, 4), window=3).init(
-        jax.random.key(0), jnp.zeros((1, 16, 8))
+      jax.random.key(0), jnp.zeros((1, 16, 8))
     )
   with pytest.raises(ValueError, match="remat policy"):
-    _stack(scan=False, remat="some").init(jax.random.key(0), jnp.zeros((1, 16, 8)), jnp.zeros((1, 3, 8)))
+    _stack(scan=False, remat="some").init(
+      jax.random.key(0), jnp.zeros((1, 16, 8)), jnp.zeros((1, 3, 8))
+    )

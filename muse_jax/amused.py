@@ -316,13 +316,7 @@ def load_amused_stage(
     _, params = load_uvit(root / "transformer", shardings=shardings)
     return stage, params
   stage = _stage_from_config(config, dtype=dtype)
-  boxed = stage.abstract_params()
-  shardings = partitioning.logical_shardings(boxed, mesh, rules)
-  abstract = jax.tree.map(
-    lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-    partitioning.unbox_abstract(boxed),
-    shardings,
-  )
+  abstract = partitioning.sharded_abstract(stage.abstract_params(), mesh, rules)
   with checkpointing.Checkpointer(path, async_save=False) as ckpt:
     restored = ckpt.restore_or_none({"params": abstract})
   if restored is None:

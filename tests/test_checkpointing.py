@@ -122,9 +122,11 @@ def test_kill_during_async_saves_never_breaks_next_start(tmp_path):
   time.sleep(0.05)
   proc.send_signal(signal.SIGKILL)
   proc.wait()
-  # The writer spends most of its time saving, so the kill lands inside a save.
-  assert list(tmp_path.glob("*.orbax-checkpoint-tmp*")), sorted(os.listdir(tmp_path))
+  # The writer spends most of its time saving, so the kill usually lands inside a save
+  # (how often depends on the machine's speed; test_half_written_step_is_ignored covers a
+  # half-written step deterministically). Either way the next start must work.
   with checkpointing.Checkpointer(tmp_path, save_every=1) as ckpt:
+    assert not list(tmp_path.glob("*.orbax-checkpoint-tmp*")), sorted(os.listdir(tmp_path))
     step = ckpt.latest_step()
     assert step is not None and step >= 1
     abstract = {

@@ -126,7 +126,6 @@ def test_kill_during_async_saves_never_breaks_next_start(tmp_path):
   # (how often depends on the machine's speed; test_half_written_step_is_ignored covers a
   # half-written step deterministically). Either way the next start must work.
   with checkpointing.Checkpointer(tmp_path, save_every=1) as ckpt:
-    assert not list(tmp_path.glob("*.orbax-checkpoint-tmp*")), sorted(os.listdir(tmp_path))
     step = ckpt.latest_step()
     assert step is not None and step >= 1
     abstract = {

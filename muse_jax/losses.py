@@ -20,11 +20,11 @@ import optax
 
 
 def masked_cross_entropy(
-    logits: jax.Array,
-    targets: jax.Array,
-    mask: jax.Array,
-    *,
-    label_smoothing: float = 0.0,
+  logits: jax.Array,
+  targets: jax.Array,
+  mask: jax.Array,
+  *,
+  label_smoothing: float = 0.0,
 ) -> tuple[jax.Array, jax.Array]:
   """Cross-entropy and accuracy over masked positions only.
 
@@ -41,8 +41,8 @@ def masked_cross_entropy(
   """
   if logits.shape[:-1] != targets.shape or targets.shape != mask.shape:
     raise ValueError(
-        f"logits [B, L, K], targets [B, L] and mask [B, L] disagree: {logits.shape}, "
-        f"{targets.shape}, {mask.shape}"
+      f"logits [B, L, K], targets [B, L] and mask [B, L] disagree: {logits.shape}, "
+      f"{targets.shape}, {mask.shape}"
     )
   if not 0.0 <= label_smoothing < 1.0:
     raise ValueError(f"label_smoothing must be in [0, 1); got {label_smoothing}")
@@ -95,7 +95,7 @@ def generator_adversarial_loss(fake_logits: jax.Array, kind: str = "hinge") -> j
 
 
 def discriminator_adversarial_loss(
-    real_logits: jax.Array, fake_logits: jax.Array, kind: str = "hinge"
+  real_logits: jax.Array, fake_logits: jax.Array, kind: str = "hinge"
 ) -> jax.Array:
   """Discriminator side: hinge ``E[relu(1-D(x))] + E[relu(1+D(G))]``, or the
   non-saturating ``E[softplus(-D(x))] + E[softplus(D(G))]``."""
@@ -119,22 +119,22 @@ def r1_penalty(d_fn, real: jax.Array) -> jax.Array:
 
 
 def lecam_loss(
-    real_logits: jax.Array, fake_logits: jax.Array, ema_real: jax.Array, ema_fake: jax.Array
+  real_logits: jax.Array, fake_logits: jax.Array, ema_real: jax.Array, ema_fake: jax.Array
 ) -> jax.Array:
   """LeCAM: ``E[relu(D(x) - ema_fake)²] + E[relu(ema_real - D(G))²]``."""
   real, fake = real_logits.astype(jnp.float32), fake_logits.astype(jnp.float32)
   return jnp.mean(jnp.square(jax.nn.relu(real - ema_fake))) + jnp.mean(
-      jnp.square(jax.nn.relu(ema_real - fake))
+    jnp.square(jax.nn.relu(ema_real - fake))
   )
 
 
 def lecam_update(
-    ema: dict[str, jax.Array], real_logits: jax.Array, fake_logits: jax.Array, decay: float = 0.999
+  ema: dict[str, jax.Array], real_logits: jax.Array, fake_logits: jax.Array, decay: float = 0.999
 ) -> dict[str, jax.Array]:
   """Running means of D's outputs on real and fake images, for ``lecam_loss``."""
   return {
-      "real": decay * ema["real"] + (1 - decay) * jnp.mean(real_logits.astype(jnp.float32)),
-      "fake": decay * ema["fake"] + (1 - decay) * jnp.mean(fake_logits.astype(jnp.float32)),
+    "real": decay * ema["real"] + (1 - decay) * jnp.mean(real_logits.astype(jnp.float32)),
+    "fake": decay * ema["fake"] + (1 - decay) * jnp.mean(fake_logits.astype(jnp.float32)),
   }
 
 

@@ -2,8 +2,8 @@
 
 import json
 
-import pytest
 from PIL import Image
+import pytest
 
 from configs import demo as demo_config
 from muse_jax import demo

@@ -25,7 +25,9 @@ def test_upsample_token_mask_covers_the_same_area():
     editing.upsample_token_mask(low, (3, 4))
 
 
-@pytest.mark.parametrize("directions", ["right", "left", "up", "down", ("right", "down"), ("left", "up")])
+@pytest.mark.parametrize(
+  "directions", ["right", "left", "up", "down", ("right", "down"), ("left", "up")]
+)
 def test_outpaint_canvas_shifts_the_image_and_masks_exactly_the_new_border(directions):
   s, size = 16, 5
   image = np.arange(s * s * 3, dtype=np.uint8).reshape(s, s, 3)
@@ -44,12 +46,12 @@ def test_outpaint_canvas_shifts_the_image_and_masks_exactly_the_new_border(direc
 
 
 @pytest.mark.parametrize(
-    "directions, size, message",
-    [
-        ("sideways", 4, "must be some of"),
-        (("left", "right"), 4, "pull opposite ways"),
-        ("left", 16, "size must be in \\(0, 16\\)"),
-    ],
+  "directions, size, message",
+  [
+    ("sideways", 4, "must be some of"),
+    (("left", "right"), 4, "pull opposite ways"),
+    ("left", 16, "size must be in \\(0, 16\\)"),
+  ],
 )
 def test_outpaint_canvas_rejects_bad_requests(directions, size, message):
   with pytest.raises(ValueError, match=message):

@@ -8,14 +8,10 @@
    tokens (8 steps, §2.4);
 3. turns the last tokens into pixels with the matching VQ decoder.
 
-Editing uses the same decode loop (§3.3); its methods live in ``pipeline_editing``. Inpainting and outpainting mask the tokens
-under the edit region and decode only those, first on the base tokens, then, when a
-super-res stage exists, on the high-res tokens conditioned on the inpainted base
-tokens. Mask-free editing re-samples random base tokens toward the prompt
-(``sampling.resample_edit``) and regenerates the high-res tokens under the changed
-base tokens.
+Editing (``pipeline_editing``: inpaint, outpaint, mask-free edit, img2img) uses the
+same decode loop (§3.3).
 
-Each stage's decode is one jit-compiled function, cached by jax per stage, option set
+Each stage's decode is one jit-compiled function (``stage_decode``), cached by jax per stage, option set
 and shape, so repeated calls of the same shapes do not recompile. The batch is split
 over the devices of the pipeline's mesh (padded to a multiple of the shard count).
 """

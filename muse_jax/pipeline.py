@@ -11,9 +11,10 @@
 Editing (``pipeline_editing``: inpaint, outpaint, mask-free edit, img2img) uses the
 same decode loop (§3.3).
 
-Each stage's decode is one jit-compiled function (``stage_decode``), cached by jax per stage, option set
-and shape, so repeated calls of the same shapes do not recompile. The batch is split
-over the devices of the pipeline's mesh (padded to a multiple of the shard count).
+Each stage's decode is one jit-compiled function (``stage_decode``), cached by jax per
+stage, option set and shape, so repeated calls of the same shapes do not recompile. The
+batch is split over the devices of the pipeline's mesh (padded to a multiple of the
+shard count).
 """
 
 from __future__ import annotations

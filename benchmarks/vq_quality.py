@@ -130,7 +130,7 @@ def make_config(
 
 
 def evaluate(workdir: pathlib.Path, held: np.ndarray, train_crops: np.ndarray) -> dict:
-  from muse_jax.trainers.vqgan import load_tokenizer
+  from muse_jax.vq_tokenizer import load_tokenizer
 
   tok = load_tokenizer(workdir)
   k = tok.model.codebook_size

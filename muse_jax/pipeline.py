@@ -34,7 +34,7 @@ from muse_jax.pipeline_editing import EditingMixin
 from muse_jax.stage_decode import decode_stage, pad_rows
 from muse_jax.stages import Stage
 from muse_jax.text import TextEmbeddings, TextEncoder
-from muse_jax.trainers.vqgan import Tokenizer
+from muse_jax.vq_tokenizer import Tokenizer
 
 
 @dataclasses.dataclass(frozen=True)

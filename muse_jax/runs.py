@@ -32,7 +32,7 @@ import jax.numpy as jnp
 from muse_jax import amused, partitioning, stages
 from muse_jax.pipeline import PAPER_BASE, PAPER_SUPERRES, MusePipeline, SamplerOptions
 from muse_jax.text import TextEncoder
-from muse_jax.trainers.vqgan import load_tokenizer
+from muse_jax.vq_tokenizer import load_tokenizer
 
 PIPELINE_FILE = "pipeline.json"
 PART_KEYS = ("tokenizer", "text_encoder", "base", "superres", "superres_tokenizer")

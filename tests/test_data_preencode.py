@@ -195,7 +195,7 @@ def test_preencode_with_the_real_tokenizer_and_text_encoder(tmp_path, fixtures_d
   import jax
 
   from muse_jax import partitioning
-  from muse_jax.trainers.vqgan import load_tokenizer
+  from muse_jax.vq_tokenizer import load_tokenizer
 
   examples = _shapes_folder(tmp_path / "src", n=5)
   mesh = partitioning.make_mesh(devices=jax.local_devices())

@@ -11,7 +11,7 @@ from PIL import Image
 import pytest
 import safetensors.numpy
 
-from muse_jax import checkpointing
+from muse_jax import checkpointing, vq_tokenizer
 from muse_jax.eval.reconstruction import reconstruct_folder
 from muse_jax.models.perceptual import LPIPS_TAPS, VGG16_CONVS
 from muse_jax.trainers import vqgan
@@ -83,7 +83,7 @@ def test_train_resume_and_outputs(trained):
 @pytest.mark.slow
 def test_load_tokenizer_from_workdir(trained):
   workdir, c, state = trained
-  tok = vqgan.load_tokenizer(workdir)
+  tok = vq_tokenizer.load_tokenizer(workdir)
   np.testing.assert_allclose(
     tok.params["quantize"]["embedding"], state.ema_params["quantize"]["embedding"]
   )
@@ -92,20 +92,20 @@ def test_load_tokenizer_from_workdir(trained):
   assert ids.shape == (2, 8, 8) and ids.dtype == jnp.int32
   out = tok.decode(ids)
   assert out.shape == (2, 32, 32, 3) and out.dtype == np.uint8
-  raw = vqgan.load_tokenizer(workdir / "checkpoints", use_ema=False)
+  raw = vq_tokenizer.load_tokenizer(workdir / "checkpoints", use_ema=False)
   np.testing.assert_allclose(
     raw.params["quantize"]["embedding"], state.params["quantize"]["embedding"]
   )
   with pytest.raises(
     ValueError, match=r"codebook_size mismatch: the caller expects 8192 but .*config.json has 32"
   ):
-    vqgan.load_tokenizer(workdir, expect={"codebook_size": 8192})
+    vq_tokenizer.load_tokenizer(workdir, expect={"codebook_size": 8192})
 
 
 @pytest.mark.slow
 def test_decoder_finetune_freezes_encoder_and_codebook(trained, tmp_path):
   src, _, _ = trained
-  source = vqgan.load_tokenizer(src)
+  source = vq_tokenizer.load_tokenizer(src)
   c = tiny_config(steps=2)
   c.model.update(decoder_channels=(16, 32, 32), decoder_num_res_blocks=2)
   c.finetune.checkpoint = str(src)

@@ -329,7 +329,7 @@ def image_tokenizer(name: str, resolution: int, path: str, mesh) -> ImageTokeniz
   import jax
 
   from muse_jax import partitioning
-  from muse_jax.trainers.vqgan import load_tokenizer
+  from muse_jax.vq_tokenizer import load_tokenizer
 
   tokenizer = load_tokenizer(path)
   params = jax.device_put(tokenizer.params, partitioning.replicated(mesh))

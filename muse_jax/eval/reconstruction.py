@@ -12,7 +12,7 @@ def reconstruct_folder(
 ) -> dict:
   """Reconstructs every image of a folder; returns {"psnr", "codebook_usage", "files"}."""
   from muse_jax import images as images_lib
-  from muse_jax.trainers.vqgan import load_tokenizer
+  from muse_jax.vq_tokenizer import load_tokenizer
 
   files = sorted(p for p in pathlib.Path(images).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
   if not files:

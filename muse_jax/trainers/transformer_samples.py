@@ -36,7 +36,7 @@ def make_sampler(
     model: the transformer being trained.
     mesh: the training mesh (the sampler's jit runs on it).
   """
-  from muse_jax.trainers.vqgan import load_tokenizer
+  from muse_jax.vq_tokenizer import load_tokenizer
 
   s = config.sample
   if not s.vq_checkpoint:

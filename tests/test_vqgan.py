@@ -8,7 +8,14 @@ import numpy as np
 import pytest
 
 from muse_jax import partitioning
-from muse_jax.models.vqgan import VQGAN, from_unit_range, to_unit_range, uint8_to_range
+from muse_jax.models.vqgan import (
+  VQGAN,
+  depth_to_space,
+  from_unit_range,
+  space_to_depth,
+  to_unit_range,
+  uint8_to_range,
+)
 
 TINY = dict(
   channels=(16, 32, 32), num_res_blocks=1, latent_channels=8, codebook_size=32, norm_groups=8
@@ -41,6 +48,23 @@ def test_shapes_and_consistency(kw):
   assert aux["z"].shape == (2, 4, 4, model.code_dim)
   for k in ("quantizer_loss", "codebook_usage", "perplexity"):
     assert np.isfinite(float(aux[k]))
+
+
+def test_patch_stem_folds_pixels_into_channels():
+  x = jnp.arange(2 * 8 * 8 * 3, dtype=jnp.float32).reshape(2, 8, 8, 3)
+  folded = space_to_depth(x, 4)  # [2, 2, 2, 48]
+  assert folded.shape == (2, 2, 2, 48)
+  # Token (1, 0) of image 1 is the 4x4 patch at rows 4..7, columns 0..3, row-major.
+  np.testing.assert_array_equal(folded[1, 1, 0], x[1, 4:8, 0:4].reshape(-1))
+  np.testing.assert_array_equal(depth_to_space(folded, 4), x)
+
+  model = VQGAN(**TINY, patch_size=2)  # f = 2 * 2^2 = 8
+  v, x = _init(model)
+  recon, aux = model.apply(v, x)
+  assert model.downsample_factor == 8 and recon.shape == x.shape
+  assert aux["ids"].shape == (2, 2, 2)
+  assert v["params"]["encoder"]["conv_in"]["kernel"].shape[2] == 12  # 2·2·3 input channels
+  np.testing.assert_allclose(model.apply(v, aux["ids"], method=model.decode), recon, atol=1e-5)
 
 
 def test_decoder_finetune_shares_encoder_and_codebook_shapes():

@@ -17,6 +17,12 @@ aMUSEd's tokenizer weights load (``muse_jax.convert.diffusers_vq``):
     ``decoder_num_res_blocks`` ResnetBlocks (+ nearest x2 upsample and conv 3x3 except at
     the last) -> GroupNorm -> swish -> conv_out 3x3.
 
+An optional patch stem (``patch_size`` p > 1) folds each p x p pixel patch into channels
+before the encoder (space-to-depth) and unfolds the decoder's ``p² · out_channels`` outputs
+the same way, as ViT-VQGAN's patch embedding and linear pixel head do (Yu et al. 2022,
+§3.1): no convolution runs at full resolution, so f = p · 2^(levels-1) costs much less
+compute, which is what makes a tokenizer trainable in minutes on a CPU (the demo's).
+
 Downsampling is either a 2x2 average pool (MaskGIT / Muse) or a stride-2 3x3 conv on an
 input padded by one pixel at the bottom and right only (diffusers ``Downsample2D`` with
 ``padding=0``). diffusers' decoder has ``layers_per_block + 1`` blocks per resolution.
@@ -239,6 +245,7 @@ class VQGAN(nn.Module):
 
   channels: tuple[int, ...] = (128, 128, 256, 256, 512)  # per resolution; len - 1 halvings
   num_res_blocks: int = 2  # encoder blocks per resolution (diffusers layers_per_block)
+  patch_size: int = 1  # p: pixels folded into channels before the encoder (1: none)
   decoder_channels: tuple[int, ...] | None = None  # default: channels (decoder finetune: wider)
   decoder_num_res_blocks: int | None = None  # default: num_res_blocks (diffusers: +1)
   mid_num_res_blocks: int = 2
@@ -260,7 +267,7 @@ class VQGAN(nn.Module):
 
   @property
   def downsample_factor(self) -> int:
-    return 2 ** (len(self.channels) - 1)
+    return self.patch_size * 2 ** (len(self.channels) - 1)
 
   @property
   def code_dim(self) -> int:
@@ -294,7 +301,7 @@ class VQGAN(nn.Module):
       self.decoder_num_res_blocks
       if self.decoder_num_res_blocks is not None
       else self.num_res_blocks,
-      self.out_channels,
+      self.out_channels * self.patch_size**2,
       **common,
     )
     if self.use_quant_conv:
@@ -331,7 +338,7 @@ class VQGAN(nn.Module):
   def encode_latents(self, images: Array) -> Array:
     """Images [B, H, W, C] -> pre-quantization latents [B, h, w, D]."""
     self.check_images(images)
-    z = self.encoder(images)
+    z = self.encoder(space_to_depth(images, self.patch_size))
     return self.quant_conv(z) if self.use_quant_conv else z
 
   def quantize_latents(self, z: Array) -> tuple[Array, Array, dict[str, Array]]:
@@ -341,7 +348,7 @@ class VQGAN(nn.Module):
     """Codes [B, h, w, D] -> images [B, H, W, C] (float32)."""
     if self.use_quant_conv:
       z_q = self.post_quant_conv(z_q)
-    return self.decoder(z_q).astype(jnp.float32)
+    return depth_to_space(self.decoder(z_q), self.patch_size).astype(jnp.float32)
 
   # -- public --------------------------------------------------------------------------
   def encode(self, images: Array) -> Array:
@@ -363,6 +370,24 @@ class VQGAN(nn.Module):
     z = self.encode_latents(images)
     z_q, ids, aux = self.quantize(z)
     return self.decode_codes(z_q), {**aux, "ids": ids, "z": z}
+
+
+def space_to_depth(x: Array, p: int) -> Array:
+  """[B, H, W, C] -> [B, H/p, W/p, p·p·C]: each p x p patch as one vector (row-major)."""
+  if p == 1:
+    return x
+  b, h, w, c = x.shape
+  x = x.reshape(b, h // p, p, w // p, p, c)
+  return jnp.einsum("bhpwqc->bhwpqc", x).reshape(b, h // p, w // p, p * p * c)
+
+
+def depth_to_space(x: Array, p: int) -> Array:
+  """Inverse of ``space_to_depth``: [B, h, w, p·p·C] -> [B, h·p, w·p, C]."""
+  if p == 1:
+    return x
+  b, h, w, c = x.shape
+  x = x.reshape(b, h, w, p, p, c // (p * p))
+  return jnp.einsum("bhwpqc->bhpwqc", x).reshape(b, h * p, w * p, c // (p * p))
 
 
 def uint8_to_range(images: Array, input_range: tuple[float, float] = (-1.0, 1.0)) -> Array:

@@ -65,6 +65,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.model = dict(
     channels=(128, 128, 256, 256, 512),  # base 128 x (1, 1, 2, 2, 4): f = 16
     num_res_blocks=2,  # paper: 2 res blocks per resolution
+    patch_size=1,  # > 1: a space-to-depth stem (ViT-VQGAN style; the CPU demo's)
     decoder_channels=(),  # () = channels; decoder finetune: (256, 256, 512, 512, 1024)
     decoder_num_res_blocks=0,  # 0 = num_res_blocks; decoder finetune: 4
     mid_num_res_blocks=2,
@@ -141,6 +142,7 @@ def make_model(m: ml_collections.ConfigDict) -> VQGAN:
   return VQGAN(
     channels=tuple(m.channels),
     num_res_blocks=m.num_res_blocks,
+    patch_size=m.get("patch_size", 1),
     decoder_channels=tuple(m.decoder_channels) or None,
     decoder_num_res_blocks=m.decoder_num_res_blocks or None,
     mid_num_res_blocks=m.mid_num_res_blocks,

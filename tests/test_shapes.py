@@ -193,6 +193,33 @@ def test_judge_rejects_wrong_captions():
     assert accepted[kind] <= 0.01 * total[kind], (kind, accepted[kind], total[kind])
 
 
+def _not_a_shape(kind: str, colour: tuple[int, int, int]) -> np.ndarray:
+  """A palette-coloured figure that is no circle, square or triangle.
+
+  (Figures with holes are out of the judge's reach: it measures solid figures.)
+  """
+  image = np.full((64, 64, 3), 255, np.uint8)
+  yy, xx = np.mgrid[:64, :64]
+  figure = {
+    "plus": ((np.abs(yy - 32) <= 3) & (np.abs(xx - 32) <= 11))
+    | ((np.abs(xx - 32) <= 3) & (np.abs(yy - 32) <= 11)),
+    "bar": (np.abs(yy - 32) <= 2) & (np.abs(xx - 32) <= 12),
+  }[kind]
+  image[figure] = colour
+  return image
+
+
+def test_judge_accepts_no_noise_or_other_figures():
+  rng = np.random.default_rng(0)
+  captions = [shapes.caption_single(c, s) for c in shapes.PALETTE for s in shapes.SHAPES]
+  images = [rng.integers(0, 256, (64, 64, 3), dtype=np.uint8) for _ in range(10)]
+  images += [_not_a_shape(k, c) for k in ("plus", "bar") for c in shapes.PALETTE.values()]
+  accepted = [(i, c) for i, im in enumerate(images) for c in captions if judge_lib.judge(im, c)]
+  assert not accepted
+  noise = judge_lib.judge(images[0], "a green square")
+  assert not noise and ("other" in noise.reason or "expected 1" in noise.reason), noise.reason
+
+
 def test_verdict_explains_itself():
   image = shapes.render(
     shapes.Scene("single", "a red circle", (shapes.ShapeObject("red", "circle", 0.5, 0.5, 0.3),)),

@@ -7,9 +7,13 @@ The convention (`muse_jax.data.shapes`) makes every fact in a caption measurable
 - Count by connected components (8-connected) of that mask, ignoring specks smaller than a
   quarter of the smallest object the set draws.
 - Shape by the fill ratio of each component's bounding box: a triangle fills 1/2, a circle
-  pi/4 ~ 0.785, a square 1; the cuts sit half-way (0.64, 0.89).
+  pi/4 ~ 0.785, a square 1; the cuts sit half-way (0.64, 0.89). A triangle must also carry
+  its mass low (normalised row skew below -0.4, where a circle or square has 0), and a
+  circle or square must not: a component that is neither (a ragged blob, noise) is
+  "irregular" and matches no caption.
 - Colour by the palette entry nearest to the median of the component's core pixels (those
-  at least 200 from white), which blur and anti-aliasing leave untouched.
+  at least 200 from white), which blur and anti-aliasing leave untouched; a median further
+  than 80 (Euclidean, 0-255) from every entry, such as noise's grey, is "other".
 - Relations by component centroids: "A left of B" needs A's centroid left of B's by at
   least `relation_margin` of the canvas.
 An image shows its caption when it holds exactly the objects the caption names and no
@@ -29,6 +33,7 @@ _CORE_LEVEL = 200  # distance from white above which a pixel shows the object's 
 _TRIANGLE_CIRCLE_CUT = (0.5 + np.pi / 4) / 2  # ~0.64
 _CIRCLE_SQUARE_CUT = (np.pi / 4 + 1.0) / 2  # ~0.89
 _TRIANGLE_SKEW_CUT = -0.4  # a triangle's normalised skew is -1, a circle's or square's 0
+_COLOUR_TOLERANCE = 80.0  # half the red-orange distance is 64: nearest stays unambiguous
 _HALO = 2  # pixels around an object whose partial coverage still belongs to it
 _MAX_SIDE = 256  # larger images are box-filtered down first; the judge needs no more
 _PALETTE = np.array(list(shapes.PALETTE.values()), np.float32)  # [C, 3]
@@ -123,9 +128,16 @@ def _dilate(mask: np.ndarray, steps: int) -> np.ndarray:
   return mask
 
 
+IRREGULAR = "irregular"  # a component that is none of the shapes; it matches no caption
+OTHER_COLOUR = "other"  # a component whose colour is none of the palette's
+
+
 def _classify(fill: float, skew: float) -> str:
-  if fill < _TRIANGLE_CIRCLE_CUT or skew < _TRIANGLE_SKEW_CUT:
-    return "triangle"
+  low = skew < _TRIANGLE_SKEW_CUT
+  if fill < _TRIANGLE_CIRCLE_CUT:
+    return "triangle" if low else IRREGULAR
+  if low:  # bottom-heavy but full: a blurred triangle, else a blob
+    return "triangle" if fill < _CIRCLE_SQUARE_CUT else IRREGULAR
   return "circle" if fill < _CIRCLE_SQUARE_CUT else "square"
 
 
@@ -163,11 +175,12 @@ def detect(image) -> list[Detection]:
     pixels = rgb[y0:y1, x0:x1][own]
     core = pixels[strength[y0:y1, x0:x1][own] >= _CORE_LEVEL]
     colour = np.median(core if len(core) >= 3 else pixels, axis=0)
-    nearest = int(np.argmin(((_PALETTE - colour) ** 2).sum(-1)))
+    distance = np.sqrt(((_PALETTE - colour) ** 2).sum(-1))  # [C]
+    nearest = int(np.argmin(distance))
     fill = area / side**2
     found.append(
       Detection(
-        _COLOURS[nearest],
+        _COLOURS[nearest] if distance[nearest] <= _COLOUR_TOLERANCE else OTHER_COLOUR,
         _classify(fill, skew),
         cx=(cx + 0.5) / w,
         cy=(cy + 0.5) / h,

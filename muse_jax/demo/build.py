@@ -73,7 +73,9 @@ def train_tokenizer(config: ml_collections.ConfigDict, workdir: pathlib.Path) ->
                  mid_num_res_blocks=1, latent_channels=t.latent_channels, embed_dim=t.embed_dim,
                  use_quant_conv=True, l2_normalize=True, codebook_size=t.codebook_size,
                  norm_groups=8)  # fmt: skip
-  c.loss.update(reconstruction="l2", perceptual_weight=0.0, adversarial_weight=0.0, disc_start=10**9)
+  c.loss.update(
+    reconstruction="l2", perceptual_weight=0.0, adversarial_weight=0.0, disc_start=10**9
+  )
   # Random codes, no k-means and no restarts: 80% of the patches are white, and both would
   # spend dozens of near-identical codes on white, which the transformer then cannot predict
   # (measured: 184 codes for white patches, 4.5 nats, against 14 codes, 1.1 nats, this way).

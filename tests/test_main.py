@@ -76,3 +76,13 @@ def test_demo_without_workdir_is_one_line_of_error():
   assert result.returncode != 0
   assert "--workdir is required" in result.stderr
   assert "Traceback" not in result.stderr
+
+
+def test_compile_cache_defaults_and_respects_the_user(tmp_path):
+  env = {"XDG_CACHE_HOME": str(tmp_path)}
+  main.enable_compile_cache(env)
+  assert env["JAX_COMPILATION_CACHE_DIR"] == str(tmp_path / "muse_jax" / "xla")
+  assert float(env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"]) > 0
+  mine = {"JAX_COMPILATION_CACHE_DIR": "", "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "5"}
+  main.enable_compile_cache(mine)  # an empty dir turns the cache off; left as given
+  assert mine == {"JAX_COMPILATION_CACHE_DIR": "", "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "5"}

@@ -85,4 +85,7 @@ def test_compile_cache_defaults_and_respects_the_user(tmp_path):
   assert float(env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"]) > 0
   mine = {"JAX_COMPILATION_CACHE_DIR": "", "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "5"}
   main.enable_compile_cache(mine)  # an empty dir turns the cache off; left as given
-  assert mine == {"JAX_COMPILATION_CACHE_DIR": "", "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "5"}
+  assert mine == {
+    "JAX_COMPILATION_CACHE_DIR": "",
+    "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "5",
+  }

@@ -98,7 +98,7 @@ def grid_crops(images: list[np.ndarray], size: int, per_image: int, seed: int = 
 def make_config(
   variant: str, steps: int, batch: int, size: int, minutes: float, codebook_size: int = 512
 ):
-  from muse_jax.trainers.vqgan import base_config
+  from muse_jax.trainers.vqgan_config import base_config
 
   c = base_config()
   c.model.update(

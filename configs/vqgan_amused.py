@@ -13,7 +13,7 @@ Use it to train a compatible tokenizer from scratch, or to finetune aMUSEd's dec
 
 import ml_collections
 
-from muse_jax.trainers.vqgan import base_config
+from muse_jax.trainers.vqgan_config import base_config
 
 AMUSED_MODEL = dict(
   channels=(128, 256, 256, 512, 768),

@@ -12,7 +12,7 @@ cosine, batch 256, perceptual 0.05, adversarial 0.1 (StyleGAN discriminator), R1
 
 import ml_collections
 
-from muse_jax.trainers.vqgan import base_config
+from muse_jax.trainers.vqgan_config import base_config
 
 
 def tiny(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:

@@ -16,7 +16,7 @@ paper's decoder finetuning (§2.5): encoder and codebook frozen from a trained f
 
 import ml_collections
 
-from muse_jax.trainers.vqgan import base_config
+from muse_jax.trainers.vqgan_config import base_config
 
 
 def finetune(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:

@@ -21,7 +21,7 @@ import numpy as np
 
 from muse_jax import checkpointing, partitioning
 from muse_jax.models.vqgan import VQGAN
-from muse_jax.trainers.vqgan import make_model
+from muse_jax.trainers.vqgan_config import make_model
 
 
 class Tokenizer(NamedTuple):

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 from muse_jax import checkpointing, runs
 from muse_jax.text import TextEncoder
 from muse_jax.trainers import transformer as transformer_trainer
-from muse_jax.trainers import vqgan as vq_trainer
+from muse_jax.trainers import vqgan_config
 
 K = 32
 FIXTURES = pathlib.Path(__file__).parent / "fixtures"
@@ -32,7 +32,7 @@ def _save(workdir: pathlib.Path, config, state) -> None:
 
 
 def write_tokenizer(workdir: pathlib.Path, seed: int) -> None:
-  config = vq_trainer.base_config()
+  config = vqgan_config.base_config()
   config.model.update(
     channels=(8, 8, 16),
     num_res_blocks=1,
@@ -41,7 +41,7 @@ def write_tokenizer(workdir: pathlib.Path, seed: int) -> None:
     codebook_size=K,
     norm_groups=4,
   )
-  model = vq_trainer.make_model(config.model)
+  model = vqgan_config.make_model(config.model)
   params = nn.meta.unbox(model.init(jax.random.key(seed), jnp.zeros((1, 8, 8, 3)))["params"])
   _save(workdir, config, {"params": params, "ema_params": params})
 

@@ -164,10 +164,10 @@ def _tx_and_shardings(c):
 
 def _random_vq_workdir(path):
   """A tiny VQGAN (K = 64, f16: 64 px <-> 4x4 ids) in the VQ trainer's checkpoint layout."""
-  from muse_jax.trainers import vqgan as vq_trainer
+  from muse_jax.trainers import vqgan_config
 
   vq_config = load_config("vqgan_f16_256")
-  model = vq_trainer.make_model(vq_config.model)
+  model = vqgan_config.make_model(vq_config.model)
   params = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 16, 16, 3)))["params"]
   with checkpointing.Checkpointer(path / "checkpoints") as ckpt:
     ckpt.write_config(vq_config)

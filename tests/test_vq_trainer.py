@@ -14,11 +14,11 @@ import safetensors.numpy
 from muse_jax import checkpointing, vq_tokenizer
 from muse_jax.eval.reconstruction import reconstruct_folder
 from muse_jax.models.perceptual import LPIPS_TAPS, VGG16_CONVS
-from muse_jax.trainers import vqgan
+from muse_jax.trainers import vqgan, vqgan_config
 
 
 def tiny_config(**train):
-  c = vqgan.base_config()
+  c = vqgan_config.base_config()
   c.model.update(
     channels=(8, 16, 16), num_res_blocks=1, latent_channels=8, codebook_size=32, norm_groups=4
   )

@@ -20,6 +20,7 @@ from muse_jax.convert import random_init
 from muse_jax.data import preencode, shapes
 from muse_jax.trainers import transformer as transformer_trainer
 from muse_jax.trainers import vqgan as vq_trainer
+from muse_jax.trainers import vqgan_config
 
 TEXT, TOKENIZER, DATA, BASE = "text_encoder", "tokenizer", "data", "base"
 TOKENS = "tokens"  # name of the ids feature in the pre-encoded shards ("ids_tokens")
@@ -68,7 +69,7 @@ def make_text_encoder(config: ml_collections.ConfigDict, folder: pathlib.Path) -
 def train_tokenizer(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> None:
   """The f=8 VQ tokenizer on shapes images (MSE + commitment: flat colours need no GAN)."""
   t = config.tokenizer
-  c = vq_trainer.base_config()
+  c = vqgan_config.base_config()
   c.model.update(patch_size=t.patch_size, channels=tuple(t.channels), num_res_blocks=t.num_res_blocks,
                  mid_num_res_blocks=1, latent_channels=t.latent_channels, embed_dim=t.embed_dim,
                  use_quant_conv=True, l2_normalize=True, codebook_size=t.codebook_size,

@@ -47,12 +47,9 @@ class EditingMixin:
     s = self.resolution
     image = editing.check_image(image, s)
     pixel_mask = editing.check_mask(mask, s)
-    prompts = [prompt] * num_images
-    negatives = None if negative_prompt is None else [negative_prompt] * num_images
-    base_opts = self._options(True, options)
-    sr_opts = self._options(False, {**options, "num_steps": None})
-    text, negative = self.encode_prompts(
-      prompts, negatives, guided=base_opts.guidance_scale is not None
+    base_opts, sr_opts = self._edit_options(options)
+    text, negative = self._encode_repeated(
+      prompt, negative_prompt, num_images, guided=base_opts.guidance_scale is not None
     )
     k_base, k_sr = jax.random.split(jax.random.key(seed))
 
@@ -149,9 +146,9 @@ class EditingMixin:
     """
     s = self.resolution
     image = editing.check_image(image, s)
-    prompts = [prompt] * num_images
-    negatives = None if negative_prompt is None else [negative_prompt] * num_images
-    text, negative = self.encode_prompts(prompts, negatives, guided=guidance_scale is not None)
+    text, negative = self._encode_repeated(
+      prompt, negative_prompt, num_images, guided=guidance_scale is not None
+    )
     k_base, k_sr = jax.random.split(jax.random.key(seed))
     low_ids = self._encode_image(self.tokenizer, image, self.base_resolution).repeat(num_images, 0)
     region = np.ones(s * s, bool).reshape(s, s) if mask is None else editing.check_mask(mask, s)
@@ -213,12 +210,9 @@ class EditingMixin:
       raise ValueError(f"strength must be in (0, 1]; got {strength}")
     s = self.resolution
     image = editing.check_image(image, s)
-    prompts = [prompt] * num_images
-    negatives = None if negative_prompt is None else [negative_prompt] * num_images
-    base_opts = self._options(True, options)
-    sr_opts = self._options(False, {**options, "num_steps": None})
-    text, negative = self.encode_prompts(
-      prompts, negatives, guided=base_opts.guidance_scale is not None
+    base_opts, sr_opts = self._edit_options(options)
+    text, negative = self._encode_repeated(
+      prompt, negative_prompt, num_images, guided=base_opts.guidance_scale is not None
     )
     k_base, k_sr = jax.random.split(jax.random.key(seed))
     low_ids = self._encode_image(self.tokenizer, image, self.base_resolution)
@@ -269,6 +263,17 @@ class EditingMixin:
     """
     base_ids, hr_ids = self.img2img_tokens(image, prompt, **kwargs)
     return self._to_pixels(base_ids, hr_ids)
+
+  def _edit_options(self, options: dict[str, Any]):
+    """Base and super-res sampler options of an edit (super-res keeps its own step count)."""
+    return self._options(True, options), self._options(False, {**options, "num_steps": None})
+
+  def _encode_repeated(
+    self, prompt: str, negative_prompt: str | None, num_images: int, guided: bool
+  ):
+    """One prompt (and its negative) encoded once per sample: ``(text, negative)``."""
+    negatives = None if negative_prompt is None else [negative_prompt] * num_images
+    return self.encode_prompts([prompt] * num_images, negatives, guided=guided)
 
   def _renoise_and_decode(
     self, stage, params, options, strength, ids, text, negative, low_res_ids, rng

@@ -48,18 +48,24 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     num_layers=4,
     num_heads=4,
     mlp_dim=512,
-    steps=600,  # ~520 fit in the time limit on 2 idle cores
-    batch_size=64,  # measured: 25% of single-object prompts right, 18% at batch 32 x 1000
-    lr=1e-3,
+    steps=700,  # ~620 fit in the time limit on 2 idle cores
+    batch_size=64,  # batch 16 x 4 times the steps did as well, not better
+    lr=3e-3,  # measured against 1e-3: 23% of single-object prompts right, against 18%
     warmup_steps=50,
+    # Unrolled layers: 4 blocks compile in seconds, and run 14% faster than nn.scan's loop
+    # on a CPU (0.40 against 0.46 s a step).
+    scan_layers=False,
     time_limit_s=240.0,
   )
 
   # Sampling and judging.
   c.sampler = dict(
+    # Constant guidance 2: measured on one base, 32% of single-object prompts right, against
+    # 28% for the paper's linear ramp to 3, 20% for 1, 4% for 6, and 3% without guidance
+    # (most images then come out blank: white is every token's likeliest code).
     num_steps=12,
-    guidance_scale=3.0,
-    guidance_schedule="linear",
+    guidance_scale=2.0,
+    guidance_schedule="constant",
     temperature=1.0,
     choice_temperature=2.0,
   )

@@ -115,7 +115,8 @@ def train_base(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> None
   grid = config.image_size // (t.patch_size * 2 ** (len(t.channels) - 1))
   c = transformer_trainer.base_config()
   c.model.update(vocab_size=config.tokenizer.codebook_size, grid=(grid, grid), width=b.width,
-                 num_layers=b.num_layers, num_heads=b.num_heads, mlp_dim=b.mlp_dim, dtype="float32")  # fmt: skip
+                 num_layers=b.num_layers, num_heads=b.num_heads, mlp_dim=b.mlp_dim,
+                 scan_layers=b.scan_layers, dtype="float32")  # fmt: skip
   c.text.update(length=config.text.max_length, dim=config.text.d_model)
   c.data.update(
     source="pre_encoded", path=str(workdir / DATA), ids_key=f"ids_{TOKENS}", seed=config.seed

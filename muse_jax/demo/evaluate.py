@@ -64,6 +64,18 @@ def generate(pipeline: MusePipeline, texts: list[str], n: int, seed: int) -> np.
   )
 
 
+def object_box_mask(obj: shapes.ShapeObject, size: int) -> np.ndarray:
+  """bool [size, size]: the object's bounding box, grown by 1/16 of the canvas (>= 2 px)."""
+  margin = max(2, size // 16)
+  half = obj.side * size / 2  # ShapeObject positions are fractions of the canvas
+  x0, y0 = int(obj.cx * size - half) - margin, int(obj.cy * size - half) - margin
+  x1 = int(np.ceil(obj.cx * size + half)) + margin
+  y1 = int(np.ceil(obj.cy * size + half)) + margin
+  mask = np.zeros((size, size), bool)
+  mask[max(0, y0) : y1, max(0, x0) : x1] = True
+  return mask
+
+
 def inpainting_example(
   pipeline: MusePipeline, config: ml_collections.ConfigDict, seed: int
 ) -> dict:
@@ -72,13 +84,7 @@ def inpainting_example(
   index = next(i for i in range(10_000) if source.scene(i).caption == "a blue square")
   scene, image = source.scene(index), source[index]["image"]
   (obj,) = scene.objects
-  s = config.image_size
-  margin = max(2, s // 16)
-  mask = np.zeros((s, s), bool)
-  half = obj.side * s / 2  # ShapeObject positions are fractions of the canvas
-  x0, y0 = int(obj.cx * s - half) - margin, int(obj.cy * s - half) - margin
-  x1, y1 = int(np.ceil(obj.cx * s + half)) + margin, int(np.ceil(obj.cy * s + half)) + margin
-  mask[max(0, y0) : y1, max(0, x0) : x1] = True
+  mask = object_box_mask(obj, config.image_size)
   prompt = "a red circle"
   result = pipeline.inpaint(image, mask, prompt, seed=seed)[0]
   return dict(

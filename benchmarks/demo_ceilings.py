@@ -1,0 +1,137 @@
+"""How far each trained stage of a demo run lets the judge go: the demo's diagnosis.
+
+The demo (``muse-jax demo``) judges images generated from a prompt alone. When too few
+pass, this says which stage falls short. It takes fresh single-object images of the
+training split (indices far past the pre-encoded ones) and reports, by object size:
+
+1. the tokenizer's ceiling: each image encoded and decoded, the judge on the
+   reconstruction. No generated image passes more often than this;
+2. the base transformer given the layout: the object's box (grown by 1/16 of the
+   canvas) is masked and inpainted with the image's own caption, everything else known
+   (the pipeline's ``inpaint``, with the run's sampler settings). This separates drawing
+   the shape from choosing where it goes.
+
+With the commonest failures of each, as (asked, found) pairs.
+
+  python benchmarks/demo_ceilings.py --workdir /tmp/muse_demo
+  python benchmarks/demo_ceilings.py --workdir /tmp/muse_demo --n 48 --skip-inpainting
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import pathlib
+import re
+import sys
+
+import numpy as np
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+FIRST_INDEX = 10**6  # past any pre-encoded training example
+SIZE_NAMES = ("small", "mid", "large")  # thirds of the shapes set's size range
+
+
+def demo_config(workdir: pathlib.Path):
+  """The config the run was made with (its report.json), else the demo's default."""
+  import ml_collections
+
+  from configs import demo
+
+  report = workdir / "report.json"
+  if report.is_file():
+    return ml_collections.ConfigDict(json.loads(report.read_text())["config"])
+  return demo.get_config()
+
+
+def size_class(side: float) -> str:
+  from muse_jax.data import shapes
+
+  third = (side - shapes.MIN_SIZE) / (shapes.MAX_SIZE - shapes.MIN_SIZE) * 3
+  return SIZE_NAMES[min(2, max(0, int(third)))]
+
+
+def failure(verdict, caption: str) -> str:
+  """'asked -> found': 'square -> circle', 'circle -> irregular', 'triangle -> 0 objects'."""
+  asked = caption.split()[-1]
+  if m := re.search(r"found (\d+)", verdict.reason):
+    return f"{asked} -> {m[1]} objects"
+  if m := re.search(r"found an? \w+ (\w+) at", verdict.reason):
+    return f"{asked} -> {m[1]}"
+  return f"{asked} -> {verdict.reason}"
+
+
+class Tally:
+  def __init__(self):
+    self.by_size = collections.defaultdict(lambda: [0, 0])
+    self.failures = collections.Counter()
+
+  def add(self, verdict, caption: str, side: float) -> None:
+    cell = self.by_size[size_class(side)]
+    cell[0] += bool(verdict)
+    cell[1] += 1
+    if not verdict:
+      self.failures[failure(verdict, caption)] += 1
+
+  def line(self, name: str) -> str:
+    passed = sum(c[0] for c in self.by_size.values())
+    total = sum(c[1] for c in self.by_size.values())
+    sizes = "  ".join(
+      f"{s} {self.by_size[s][0]}/{self.by_size[s][1]}" for s in SIZE_NAMES if self.by_size[s][1]
+    )
+    worst = ", ".join(f"{k} x{v}" for k, v in self.failures.most_common(4))
+    return f"{name:<28} {passed:>4}/{total:<4} {passed / total:6.1%}   {sizes}\n{'':<30}failures: {worst or '-'}"
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--workdir", required=True, help="a finished `muse-jax demo` workdir")
+  parser.add_argument("--n", type=int, default=192, help="single-object images judged")
+  parser.add_argument("--skip-inpainting", action="store_true", help="the tokenizer only")
+  args = parser.parse_args()
+
+  from muse_jax import runs
+  from muse_jax.data import shapes
+  from muse_jax.demo import build, evaluate
+
+  workdir = pathlib.Path(args.workdir)
+  config = demo_config(workdir)
+  source = build.shapes_source(config, split="train")
+  indices, i = [], FIRST_INDEX
+  while len(indices) < args.n:
+    if source.scene(i).form == "single":
+      indices.append(i)
+    i += 1
+  scenes = [source.scene(i) for i in indices]
+  pictures = np.stack([source[i]["image"] for i in indices])  # uint8 [n, S, S, 3]
+  pipeline = runs.load_pipeline(workdir)
+
+  ids = np.asarray(pipeline.tokenizer.encode(pictures))
+  rebuilt = np.asarray(pipeline.tokenizer.decode(ids))
+  mse = np.mean((rebuilt.astype(np.float64) - pictures) ** 2)
+  codes, counts = np.unique(ids, return_counts=True)
+  p = counts / counts.sum()
+  tokenizer = Tally()
+  for scene, image in zip(scenes, rebuilt):
+    tokenizer.add(shapes.judge(image, scene.caption), scene.caption, scene.objects[0].side)
+
+  print(f"demo run {workdir}: {args.n} fresh single-object images of the training split")
+  print(f"tokenizer: PSNR {10 * np.log10(255**2 / mse):.2f} dB, {ids.shape[1:]} tokens, "
+        f"{len(codes)} codes used, {-(p * np.log(p)).sum():.2f} nats per token")  # fmt: skip
+  print(tokenizer.line("tokenizer reconstructions"))
+  if args.skip_inpainting:
+    return
+  inpainted = Tally()
+  for n, (scene, image) in enumerate(zip(scenes, pictures)):
+    (obj,) = scene.objects
+    mask = evaluate.object_box_mask(obj, config.image_size)
+    result = pipeline.inpaint(image, mask, scene.caption, seed=n)[0]
+    inpainted.add(shapes.judge(result, scene.caption), scene.caption, obj.side)
+  print(inpainted.line("base, given the object's box"))
+
+
+if __name__ == "__main__":
+  main()

@@ -93,7 +93,7 @@ def main() -> None:
   parser.add_argument("--skip-inpainting", action="store_true", help="the tokenizer only")
   args = parser.parse_args()
 
-  from muse_jax import runs
+  from muse_jax import losses, runs
   from muse_jax.data import shapes
   from muse_jax.demo import build, evaluate
 
@@ -111,7 +111,7 @@ def main() -> None:
 
   ids = np.asarray(pipeline.tokenizer.encode(pictures))
   rebuilt = np.asarray(pipeline.tokenizer.decode(ids))
-  mse = np.mean((rebuilt.astype(np.float64) - pictures) ** 2)
+  psnr = float(np.mean(losses.psnr(pictures, rebuilt, data_range=255.0)))  # mean over images
   codes, counts = np.unique(ids, return_counts=True)
   p = counts / counts.sum()
   tokenizer = Tally()
@@ -119,7 +119,7 @@ def main() -> None:
     tokenizer.add(shapes.judge(image, scene.caption), scene.caption, scene.objects[0].side)
 
   print(f"demo run {workdir}: {args.n} fresh single-object images of the training split")
-  print(f"tokenizer: PSNR {10 * np.log10(255**2 / mse):.2f} dB, {ids.shape[1:]} tokens, "
+  print(f"tokenizer: PSNR {psnr:.2f} dB, {ids.shape[1:]} tokens, "
         f"{len(codes)} codes used, {-(p * np.log(p)).sum():.2f} nats per token")  # fmt: skip
   print(tokenizer.line("tokenizer reconstructions"))
   if args.skip_inpainting:

@@ -92,6 +92,8 @@ def main() -> None:
   parser.add_argument("--n", type=int, default=192, help="single-object images judged")
   parser.add_argument("--skip-inpainting", action="store_true", help="the tokenizer only")
   args = parser.parse_args()
+  if args.n < 1:
+    parser.error(f"--n must be at least 1; got {args.n}")
 
   from muse_jax import losses, runs
   from muse_jax.data import shapes
@@ -100,12 +102,12 @@ def main() -> None:
   workdir = pathlib.Path(args.workdir)
   config = demo_config(workdir)
   source = build.shapes_source(config, split="train")
-  indices, i = [], FIRST_INDEX
+  indices, scenes, i = [], [], FIRST_INDEX
   while len(indices) < args.n:
-    if source.scene(i).form == "single":
+    if (scene := source.scene(i)).form == "single":
       indices.append(i)
+      scenes.append(scene)
     i += 1
-  scenes = [source.scene(i) for i in indices]
   pictures = np.stack([source[i]["image"] for i in indices])  # uint8 [n, S, S, 3]
   pipeline = runs.load_pipeline(workdir)
 

@@ -232,7 +232,7 @@ def convert_amused(
     variant: weights variant to read, e.g. ``"fp16"`` for ``*.fp16.safetensors``.
     param_dtype: storage dtype of the U-ViT parameters, ``float32`` or ``bfloat16``.
     dtype: the U-ViT's computation dtype when loaded (``float32`` or ``bfloat16``:
-      bfloat16 products with float32 sums, ~1.45x faster on AVX512-BF16 CPUs).
+      bfloat16 products with float32 sums, ~1.7x faster on AVX512-BF16 CPUs).
     force: convert even if ``dst`` already holds this conversion.
 
   Returns:

@@ -11,7 +11,7 @@ of the GEGLU input projection, scale/shift of each modulation).
 Norms, softmax and GELU are computed in float32 whatever ``dtype`` is; matmuls
 multiply in ``dtype`` and accumulate in float32. With bfloat16 that halves memory
 traffic on accelerators and doubles the matmul rate on CPUs with AVX512-BF16 (the
-U-ViT runs ~1.45x faster on this project's 2-core Zen 4 machine).
+U-ViT runs ~1.7x faster on this project's 2-core Zen 4 machine).
 
 Sharding: only head and MLP axes go to ``tensor``; a kernel whose output is a model
 width (D or C) shards its input axis only (EMBED -> ``fsdp``). Sharding such an

@@ -190,7 +190,7 @@ def diffusers_side(folder: pathlib.Path):
   return run, breakdown
 
 
-def guided_call_flops(stage, ids, text, negative) -> float:
+def guided_call_flops(stage, ids, text, negative, scale: float) -> float:
   """XLA's FLOP count of one guided U-ViT call, from the lowered program (not compiled).
 
   Counted on an unrolled copy of the model: XLA counts the body of a scanned layer stack
@@ -208,7 +208,7 @@ def guided_call_flops(stage, ids, text, negative) -> float:
 
   def call(params, ids, text, negative):
     both = jax.tree.map(lambda a, b: jnp.concatenate([a, b]), text, negative)
-    return sampling.guided_logits(lambda x: unrolled.logits(params, x, both), ids, 9.0)
+    return sampling.guided_logits(lambda x: unrolled.logits(params, x, both), ids, scale)
 
   cost = jax.jit(call).lower(abstract, ids, text, negative).cost_analysis()
   return (cost[0] if isinstance(cost, list) else cost)["flops"]
@@ -260,7 +260,7 @@ def ours_side(loaded, dtype: str):
     ids = jnp.full((1, 256), stage.mask_id, jnp.int32)
     jax_ready(transformer_steps(params, ids, text, negative))  # compiled once
     steps = min(cpu_timed(transformer_steps, params, ids, text, negative) for _ in range(2))
-    flops = guided_call_flops(stage, ids, text, negative)
+    flops = guided_call_flops(stage, ids, text, negative, options.guidance_scale)
     print(
       f"one guided U-ViT call in {stage.model.dtype.name}: {flops / 1e9:.1f} GFLOP, "
       f"{steps / NUM_STEPS:.3f} CPU-s in the loop, {flops * NUM_STEPS / steps / 1e9:.0f} GFLOP "

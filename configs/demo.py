@@ -46,14 +46,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # The demo is compute-bound: 28% / 55% / 64% of single-object prompts come out right with
   # 4 / 12 / 28 minutes of training (benchmarks/demo_ceilings.py tells why). So the base gets
   # what the 10 minutes leave (330 s), and the step is kept cheap: an MLP of 256 and 2 heads
-  # of 64 take 0.27 s a step, against 0.35 s for 512 and 4 heads of 32 (over three seeds,
+  # of 64 take 0.25 s a step, against 0.35 s for 512 and 4 heads of 32 (over three seeds,
   # 122/360 single-object images right against 104/360, with 240 s each).
   c.base = dict(
     width=128,
     num_layers=4,
     num_heads=2,
     mlp_dim=256,
-    steps=1250,  # ~1200 fit in the time limit on 2 idle cores
+    steps=1250,  # ~1150 fit in the time limit on 2 idle cores (1130 and 1147 measured)
     batch_size=64,  # batch 16 x 4 times the steps did as well, not better
     lr=3e-3,  # measured against 1e-3: 23% of single-object prompts right, against 18%
     warmup_steps=50,

@@ -49,26 +49,17 @@ def demo_step(dtype: str):
   import numpy as np
 
   import configs.demo
-  from muse_jax.models.transformer import MaskedTransformer
+  from muse_jax.demo import build
+  from muse_jax.trainers import transformer as transformer_trainer
 
-  c = configs.demo.get_config()
-  t, b = c.tokenizer, c.base
-  grid = c.image_size // (t.patch_size * 2 ** (len(t.channels) - 1))
-  model = MaskedTransformer(
-    vocab_size=t.codebook_size,
-    grid=(grid, grid),
-    width=b.width,
-    num_layers=b.num_layers,
-    num_heads=b.num_heads,
-    mlp_dim=b.mlp_dim,
-    scan_layers=b.scan_layers,
-    dtype=jnp.dtype(dtype),
-  )
+  c = build.base_trainer_config(configs.demo.get_config(), pathlib.Path("unused"))
+  c.model.dtype = dtype
+  model = transformer_trainer.make_model(c.model)
   rng = np.random.default_rng(0)
-  batch = b.batch_size
-  ids = jnp.asarray(rng.integers(0, t.codebook_size + 1, (batch, grid * grid)), jnp.int32)
-  text = jnp.asarray(rng.standard_normal((batch, c.text.max_length, c.text.d_model)), jnp.float32)
-  mask = jnp.ones((batch, c.text.max_length), bool)
+  batch, length = c.train.batch_size, model.length
+  ids = jnp.asarray(rng.integers(0, model.vocab_size + 1, (batch, length)), jnp.int32)
+  text = jnp.asarray(rng.standard_normal((batch, c.text.length, c.text.dim)), jnp.float32)
+  mask = jnp.ones((batch, c.text.length), bool)
   params = jax.jit(lambda: model.init(jax.random.key(0), ids, text, mask)["params"])()
 
   def loss(p):

@@ -108,8 +108,10 @@ def encode_training_set(config: ml_collections.ConfigDict, workdir: pathlib.Path
   )
 
 
-def train_base(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> None:
-  """The base masked transformer on the pre-encoded shards."""
+def base_trainer_config(
+  config: ml_collections.ConfigDict, workdir: pathlib.Path
+) -> ml_collections.ConfigDict:
+  """The transformer trainer's config for the demo's base (data in ``workdir``)."""
   b = config.base
   t = config.tokenizer
   grid = config.image_size // (t.patch_size * 2 ** (len(t.channels) - 1))
@@ -127,7 +129,12 @@ def train_base(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> None
   c.optim.update(name="adamw", lr=b.lr, warmup_steps=b.warmup_steps, weight_decay=0.01, b2=0.99)
   c.mesh.shape = dict(data=-1, fsdp=1, tensor=1)
   c.mesh.num_devices = _batch_devices(b.batch_size)
-  transformer_trainer.train_and_evaluate(c, workdir / BASE)
+  return c
+
+
+def train_base(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> None:
+  """The base masked transformer on the pre-encoded shards."""
+  transformer_trainer.train_and_evaluate(base_trainer_config(config, workdir), workdir / BASE)
 
 
 def _batch_devices(batch_size: int) -> int:

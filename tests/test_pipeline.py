@@ -4,6 +4,9 @@ The run is written to disk in the trainers' formats (see run_factory) and loaded
 `runs.load_pipeline`, so the loaders are part of what is tested.
 """
 
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 from run_factory import K, make_run
@@ -14,6 +17,17 @@ from muse_jax import runs
 @pytest.fixture(scope="module")
 def pipe(tmp_path_factory):
   return runs.load_pipeline(make_run(tmp_path_factory.mktemp("run")))
+
+
+def test_sampling_loads_none_of_the_training_input_stack():
+  """A user who samples (a Colab with aMUSEd weights, say) needs no grain, TFDS or torch."""
+  heavy = ("grain", "array_record", "tensorflow_datasets", "tensorflow", "torch")
+  code = (
+    "import sys, muse_jax.main, muse_jax.runs, muse_jax.convert.amused; "
+    f"print([m for m in {heavy!r} if m in sys.modules])"
+  )
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+  assert out.stdout.strip() == "[]", out.stdout
 
 
 def test_generate_shapes_ranges_and_determinism(pipe):

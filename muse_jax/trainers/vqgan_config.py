@@ -11,7 +11,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 import ml_collections
 
-from muse_jax.data import pipeline
+from muse_jax.data.config import default_data_config
 from muse_jax.models.discriminator import StyleGANDiscriminator
 from muse_jax.models.vqgan import VQGAN
 
@@ -67,7 +67,7 @@ def base_config() -> ml_collections.ConfigDict:
     checkpoint="",  # trained tokenizer (workdir / diffusers folder): encoder + codebook frozen
     copy_decoder=False,  # also start the decoder from it (same decoder shape) instead of afresh
   )
-  c.data = pipeline.default_data_config()  # folder / tar / tfds / synthetic "shapes"
+  c.data = default_data_config()  # folder / tar / tfds / synthetic "shapes"
   c.data.output = "uint8"  # the step maps uint8 to the model's range on the device
   c.data.resolution = 256
   c.train = dict(

@@ -13,6 +13,11 @@ the TPU's native matmul, twice the float32 rate on AVX512-BF16 CPUs). Reported: 
 medians, the ratios, and where the time goes in each (text encoder, transformer
 steps, sampling arithmetic, VQ decode).
 
+On a GPU (``--device cuda``) diffusers runs twice too, in float32 and in float16 (its
+documented recipe for aMUSEd); both sides then may use TF32 in float32 matrix products
+(XLA's default precision on the GPU; torch is told ``allow_tf32``), ours in bfloat16 is
+set against diffusers in float16, and the parts are timed in wall seconds, synchronised.
+
 Sizes (``--size``):
   mid:  U-ViT 512 wide, 8 layers, 8 heads, GEGLU 1408; the conv stages as amused-256
   full: amused-256 (1024 wide, 22 layers, 16 heads, GEGLU 2816)
@@ -22,8 +27,9 @@ Needs torch, diffusers and transformers (not the test suite's dependencies):
   python benchmarks/amused_vs_diffusers.py --size mid --runs 5
   python benchmarks/amused_vs_diffusers.py --size full --runs 3 --out /tmp/amused_full.json
   taskset -c 0 python benchmarks/amused_vs_diffusers.py --size mid   # one core each
+  python benchmarks/amused_vs_diffusers.py --device cuda --size full --runs 10
 
-The breakdown counts CPU seconds (with one thread per side, as under `taskset -c 0`,
+On the CPU the breakdown counts CPU seconds (with one thread per side, as under `taskset -c 0`,
 that is the work done, whatever else the machine runs). Diffusers' parts are timed
 around its modules' calls; ours as separately compiled functions: the text encoder, the N
 guided U-ViT calls (in one compiled loop, see ``ours_side``), the whole decode loop (its
@@ -105,10 +111,32 @@ def build_diffusers_folder(size: str, folder: pathlib.Path) -> None:
 # Timing helpers.
 
 
-class Timers:
-  """Accumulates CPU seconds per name while patched callables run."""
+class Clock:
+  """What the breakdown counts: CPU seconds of this process on the CPU, where the cores
+  may be shared; wall seconds on a GPU, with torch's queue drained at each read (JAX's
+  results are waited for by ``measure``)."""
 
-  def __init__(self):
+  def __init__(self, device: str):
+    self.device = device
+    self.unit = "CPU seconds" if device == "cpu" else "wall seconds"
+
+  def now(self) -> float:
+    if self.device == "cpu":
+      return time.process_time()
+    sys.modules["torch"].cuda.synchronize()
+    return time.perf_counter()
+
+  def measure(self, fn, *args) -> float:
+    t = self.now()
+    jax_ready(fn(*args))
+    return self.now() - t
+
+
+class Timers:
+  """Accumulates ``clock`` seconds per name while patched callables run."""
+
+  def __init__(self, clock: Clock):
+    self.clock = clock
     self.total: dict[str, float] = {}
 
   @contextlib.contextmanager
@@ -116,11 +144,11 @@ class Timers:
     real = getattr(obj, attr)
 
     def timed(*args, **kwargs):
-      t = time.process_time()
+      t = self.clock.now()
       try:
         return real(*args, **kwargs)
       finally:
-        self.total[name] = self.total.get(name, 0.0) + time.process_time() - t
+        self.total[name] = self.total.get(name, 0.0) + self.clock.now() - t
 
     setattr(obj, attr, timed)
     try:
@@ -133,12 +161,6 @@ def timed(fn, *args) -> float:
   t = time.perf_counter()
   fn(*args)
   return time.perf_counter() - t
-
-
-def cpu_timed(fn, *args) -> float:
-  t = time.process_time()
-  jax_ready(fn(*args))
-  return time.process_time() - t
 
 
 def jax_ready(x):
@@ -158,12 +180,13 @@ def timed_cpu(fn, *args) -> tuple[float, float]:
 # The two sides.
 
 
-def diffusers_side(folder: pathlib.Path):
+def diffusers_side(folder: pathlib.Path, dtype: str, clock: Clock):
   from diffusers import AmusedPipeline
   import torch
 
   torch.set_grad_enabled(False)
-  pipe = AmusedPipeline.from_pretrained(folder)
+  pipe = AmusedPipeline.from_pretrained(folder, torch_dtype=getattr(torch, dtype))
+  pipe = pipe.to(clock.device)
   pipe.set_progress_bar_config(disable=True)
 
   def run(seed: int) -> np.ndarray:
@@ -171,18 +194,20 @@ def diffusers_side(folder: pathlib.Path):
       PROMPT,
       num_inference_steps=NUM_STEPS,
       guidance_scale=GUIDANCE,
-      generator=torch.Generator().manual_seed(seed),
+      # On the pipeline's device: a CPU generator would send each step's probabilities
+      # (256 x 8192) to the host for torch.multinomial.
+      generator=torch.Generator(clock.device).manual_seed(seed),
       output_type="np",
     ).images
 
   def breakdown(seed: int) -> dict[str, float]:
-    timers = Timers()
+    timers = Timers(clock)
     with contextlib.ExitStack() as stack:
       stack.enter_context(timers.patch(pipe.text_encoder, "forward", "text"))
       stack.enter_context(timers.patch(pipe.transformer, "forward", "transformer steps"))
       stack.enter_context(timers.patch(pipe.scheduler, "step", "sampling arithmetic"))
       stack.enter_context(timers.patch(pipe.vqvae, "decode", "VQ decode"))
-      total = cpu_timed(run, seed)
+      total = clock.measure(run, seed)
     parts = dict(timers.total)
     parts["other"] = total - sum(parts.values())
     return {"total": total, **parts}
@@ -191,10 +216,13 @@ def diffusers_side(folder: pathlib.Path):
 
 
 def guided_call_flops(stage, ids, text, negative, scale: float) -> float:
-  """XLA's FLOP count of one guided U-ViT call, from the lowered program (not compiled).
+  """XLA's FLOP count of one guided U-ViT call, from the program lowered for the CPU.
 
   Counted on an unrolled copy of the model: XLA counts the body of a scanned layer stack
   once, which leaves out 7 of the mid size's 8 layers (64 GFLOP counted instead of 95).
+  Lowered for the CPU whatever the device: the GPU client counts nothing before compiling,
+  and its compiled count leaves out the matrix products handed to cuBLAS (33 GFLOP for 95
+  at mid size on an H200).
   """
   import dataclasses
 
@@ -210,11 +238,17 @@ def guided_call_flops(stage, ids, text, negative, scale: float) -> float:
     both = jax.tree.map(lambda a, b: jnp.concatenate([a, b]), text, negative)
     return sampling.guided_logits(lambda x: unrolled.logits(params, x, both), ids, scale)
 
-  cost = jax.jit(call).lower(abstract, ids, text, negative).cost_analysis()
+  # On the CPU client: it counts the lowered program (the GPU one would raise).
+  cpu = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
+  shapes = jax.tree.map(
+    lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=cpu), (abstract, ids, text, negative)
+  )
+  lowered = jax.jit(call).lower(*shapes)
+  cost = lowered.cost_analysis()
   return (cost[0] if isinstance(cost, list) else cost)["flops"]
 
 
-def ours_side(loaded, dtype: str):
+def ours_side(loaded, dtype: str, clock: Clock):
   """Our pipeline with the U-ViT computing in ``dtype`` (the other parts as loaded)."""
   import copy
 
@@ -254,25 +288,26 @@ def ours_side(loaded, dtype: str):
 
   def breakdown(seed: int) -> dict[str, float]:
     parts = {}
-    t = time.process_time()
-    text, negative = jax_ready(pipe.encode_prompts([PROMPT], None, guided=True))
-    parts["text"] = time.process_time() - t
+    parts["text"] = clock.measure(pipe.encode_prompts, [PROMPT], None, True)
+    text, negative = pipe.encode_prompts([PROMPT], None, guided=True)
     ids = jnp.full((1, 256), stage.mask_id, jnp.int32)
     jax_ready(transformer_steps(params, ids, text, negative))  # compiled once
-    steps = min(cpu_timed(transformer_steps, params, ids, text, negative) for _ in range(2))
-    flops = guided_call_flops(stage, ids, text, negative, options.guidance_scale)
-    print(
-      f"one guided U-ViT call in {stage.model.dtype.name}: {flops / 1e9:.1f} GFLOP, "
-      f"{steps / NUM_STEPS:.3f} CPU-s in the loop, {flops * NUM_STEPS / steps / 1e9:.0f} GFLOP "
-      "per CPU-second"
-    )
-    t = time.process_time()
-    tokens, _ = pipe.generate_tokens([PROMPT], seed=seed)
-    loop = time.process_time() - t - parts["text"]
+    steps = min(clock.measure(transformer_steps, params, ids, text, negative) for _ in range(3))
+    cpu = "CPU-" if clock.device == "cpu" else ""
+    rate = f"{steps / NUM_STEPS * 1e3:.1f} {cpu}ms in the loop"
+    try:  # the count is only for the rate: a backend that cannot give it costs the rate alone
+      flops = guided_call_flops(stage, ids, text, negative, options.guidance_scale)
+      rate = f"{flops / 1e9:.1f} GFLOP, {rate}, {flops * NUM_STEPS / steps / 1e9:.0f} GFLOP per {cpu}second"
+    except Exception as e:
+      rate += f" (FLOPs not counted: {type(e).__name__}: {e})"
+    print(f"one guided U-ViT call in {stage.model.dtype.name}: {rate}")
+    t = clock.now()
+    tokens, _ = jax_ready(pipe.generate_tokens([PROMPT], seed=seed))
+    loop = clock.now() - t - parts["text"]
     parts["transformer steps"] = steps
     parts["sampling arithmetic"] = max(loop - steps, 0.0)
-    parts["VQ decode"] = cpu_timed(pipe.tokenizer.decode, tokens.reshape(-1, *stage.grid))
-    total = cpu_timed(run, seed)
+    parts["VQ decode"] = clock.measure(pipe.tokenizer.decode, tokens.reshape(-1, *stage.grid))
+    total = clock.measure(run, seed)
     parts["other"] = max(total - sum(parts.values()), 0.0)
     return {"total": total, **parts}
 
@@ -288,15 +323,25 @@ def main() -> None:
   parser.add_argument("--runs", type=int, default=5, help="timed runs per side (after one warm-up)")
   parser.add_argument("--workdir", default=None, help="keep the folders here (default: a temp dir)")
   parser.add_argument("--out", default=None, help="also write the figures as JSON here")
+  parser.add_argument(
+    "--device", choices=("cpu", "cuda"), default="cpu", help="where both pipelines run"
+  )
   args = parser.parse_args()
 
-  os.environ.setdefault("JAX_PLATFORMS", "cpu")
+  if args.device == "cpu":
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+  else:  # JAX takes GPU memory as it goes, leaving torch its share; the CPU counts FLOPs
+    os.environ.setdefault("JAX_PLATFORMS", "cuda,cpu")
+    os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
   import jax
   import torch
 
   # Both sides use the cores this process may run on (`taskset -c 0` for one core:
   # on a machine shared with other jobs, one thread per side is the fairer match).
   torch.set_num_threads(len(os.sched_getaffinity(0)))
+  # XLA's default precision multiplies float32 in TF32 on the GPU; let torch do the same.
+  torch.backends.cuda.matmul.allow_tf32 = True
+  clock = Clock(args.device)
 
   from muse_jax import runs
   from muse_jax.convert.amused import convert_amused
@@ -314,9 +359,14 @@ def main() -> None:
   t = time.perf_counter()
   loaded = runs.load_pipeline(run_dir)
   print(f"loaded ours in {time.perf_counter() - t:.1f} s")
-  sides = {"diffusers": diffusers_side(src)}
+  if args.device == "cpu":  # float16 on the CPU is no one's choice, and slow
+    sides = {"diffusers": diffusers_side(src, "float32", clock)}
+    baseline = {"ours float32": "diffusers", "ours bfloat16": "diffusers"}
+  else:
+    sides = {f"diffusers {d}": diffusers_side(src, d, clock) for d in ("float32", "float16")}
+    baseline = {"ours float32": "diffusers float32", "ours bfloat16": "diffusers float16"}
   for dtype in ("float32", "bfloat16"):
-    sides[f"ours {dtype}"] = ours_side(loaded, dtype)
+    sides[f"ours {dtype}"] = ours_side(loaded, dtype, clock)
   names = list(sides)
   for name in names:  # warm-up: compiles ours, first-call costs of torch
     print(f"first call of {name}: {timed(sides[name][0], 0):.1f} s (compilation included)")
@@ -333,25 +383,34 @@ def main() -> None:
   cpu_medians = {n: statistics.median(v) for n, v in cpu.items()}
   parts = {n: sides[n][1](99) for n in names}
 
+  where = f"{os.cpu_count()} CPUs, {jax.devices()[0].device_kind}"
+  if args.device == "cuda":
+    where += f" (torch sees {torch.cuda.get_device_name()})"
   print(
     f"\naMUSEd {args.size}, one 256x256 image, {NUM_STEPS} steps, guidance {GUIDANCE:g}; "
-    f"{os.cpu_count()} CPUs ({jax.devices()[0].device_kind}), torch {torch.__version__} with "
+    f"{where}; jax {jax.__version__}, torch {torch.__version__} with "
     f"{torch.get_num_threads()} threads; load average {os.getloadavg()[0]:.1f} at the end"
   )
-  print(f"{'':22s}" + "".join(f"{n:>16s}" for n in names))
-  print(f"{'median of ' + str(args.runs):22s}" + "".join(f"{medians[n]:>15.2f}s" for n in names))
-  print(f"{'  its CPU time':22s}" + "".join(f"{cpu_medians[n]:>15.2f}s" for n in names))
-  print("one more run, CPU seconds by part:")
+  width = max(16, *(len(n) + 2 for n in names))
+  print(f"{'':22s}" + "".join(f"{n:>{width}s}" for n in names))
+
+  def row(label: str, seconds: dict[str, float]) -> None:
+    print(f"{label:22s}" + "".join(f"{seconds[n]:>{width - 1}.3f}s" for n in names))
+
+  row(f"median of {args.runs}", medians)
+  row("  its CPU time", cpu_medians)
+  print(f"one more run, {clock.unit} by part:")
   for part in ("text", "transformer steps", "sampling arithmetic", "VQ decode", "other", "total"):
-    print(f"  {part:20s}" + "".join(f"{parts[n].get(part, 0.0):>15.2f}s" for n in names))
-  ratios = {n: medians["diffusers"] / medians[n] for n in names[1:]}
+    row(f"  {part}", {n: parts[n].get(part, 0.0) for n in names})
+  ratios = {n: medians[baseline[n]] / medians[n] for n in baseline}
   for n, ratio in ratios.items():
-    print(f"speed-up of {n} (median diffusers / median {n}): {ratio:.2f}x")
+    print(f"speed-up of {n} (median {baseline[n]} / median {n}): {ratio:.2f}x")
   if args.out:
     pathlib.Path(args.out).write_text(
       json.dumps(
         {
           "size": args.size,
+          "device": where,
           "threads": torch.get_num_threads(),
           "runs": times,
           "cpu_seconds": cpu,

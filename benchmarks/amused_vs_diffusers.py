@@ -227,15 +227,15 @@ def guided_call_flops(stage, ids, text, negative, scale: float) -> float:
   import dataclasses
 
   import jax
-  import jax.numpy as jnp
 
   from muse_jax import partitioning, sampling
+  from muse_jax import text as text_lib
 
   unrolled = dataclasses.replace(stage, model=stage.model.clone(scan_layers=False))
   abstract = partitioning.unbox_abstract(unrolled.abstract_params())
 
   def call(params, ids, text, negative):
-    both = jax.tree.map(lambda a, b: jnp.concatenate([a, b]), text, negative)
+    both = text_lib.concatenate([text, negative])
     return sampling.guided_logits(lambda x: unrolled.logits(params, x, both), ids, scale)
 
   # On the CPU client: it counts the lowered program (the GPU one would raise).
@@ -256,6 +256,7 @@ def ours_side(loaded, dtype: str, clock: Clock):
   import jax.numpy as jnp
 
   from muse_jax import amused, sampling
+  from muse_jax import text as text_lib
 
   pipe = copy.copy(loaded)
   pipe.base_stage = loaded.base_stage.with_dtype(dtype)
@@ -275,7 +276,7 @@ def ours_side(loaded, dtype: str, clock: Clock):
     Timed as a loop, not as one call compiled on its own: inside a loop XLA casts the
     weights to the compute dtype once, and a lone call paid 20-50% more CPU time.
     """
-    both = jax.tree.map(lambda a, b: jnp.concatenate([a, b]), text, negative)
+    both = text_lib.concatenate([text, negative])
     logits_fn = lambda x: stage.logits(params, x, both)
     scale = jnp.float32(options.guidance_scale)
 

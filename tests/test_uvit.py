@@ -17,7 +17,7 @@ from safetensors.numpy import load_file, save_file
 
 from muse_jax import masking, partitioning, sampling
 from muse_jax.convert.diffusers_uvit import abstract_params, load_uvit, uvit_kwargs_from_config
-from muse_jax.models.uvit import UVit2D
+from muse_jax.models.uvit import UVit2D, fast_attention
 
 AMUSED = pathlib.Path(__file__).parent / "fixtures" / "amused"
 INPUTS = ("ids", "encoder_hidden_states", "pooled_text_emb", "micro_conds")
@@ -211,6 +211,31 @@ def test_bad_inputs_are_named():
     )
   with pytest.raises(ValueError, match="ids must be integer"):
     init(ref["ids"].astype(np.float32), *(ref[k] for k in INPUTS[1:]))
+  bogus = model.clone(attention_implementation="flash")
+  with pytest.raises(ValueError, match=r"attention_implementation 'flash' is not one of"):
+    jax.eval_shape(lambda *x: bogus.init(jax.random.key(0), *x), *(ref[k] for k in INPUTS))
+
+
+def test_attention_implementation_is_threaded_and_chosen_per_platform(monkeypatch):
+  model, params = load_uvit(AMUSED / "uvit_512", scan_layers=False)
+  ref = _reference("uvit_512")
+  xla = model.clone(attention_implementation="xla")
+  np.testing.assert_array_equal(_logits(xla, params, ref), _logits(model, params, ref))
+  # Every attention of the model (2 per transformer layer, 2 per block of each stage)
+  # passes the field on to jax.nn.dot_product_attention.
+  seen = []
+  real = jax.nn.dot_product_attention
+  spy = lambda *a, implementation=None, **k: seen.append(implementation) or real(*a, **k)
+  monkeypatch.setattr(jax.nn, "dot_product_attention", spy)
+  chosen = model.clone(attention_implementation="cudnn")
+  jax.eval_shape(lambda p: chosen.apply({"params": p}, *(ref[k] for k in INPUTS)), params)
+  expected = 2 * model.num_hidden_layers + 2 * 2 * model.num_res_blocks
+  assert seen == ["cudnn"] * expected
+  assert fast_attention(jnp.bfloat16, "gpu") == "cudnn"
+  assert fast_attention("float16", "cuda") == "cudnn"
+  assert fast_attention(jnp.float32, "gpu") is None  # cuDNN's fused attention takes no float32
+  assert fast_attention(jnp.bfloat16, "cpu") is None
+  assert fast_attention(jnp.bfloat16, "tpu") is None
 
 
 @pytest.mark.xfail(strict=True, reason="XLA SPMD miscompile (jax 0.10.2); see uvit_blocks.py")

@@ -65,6 +65,20 @@ from muse_jax.partitioning import (
   constrain,
 )
 
+ATTENTION_IMPLEMENTATIONS = (None, "xla", "cudnn")
+
+
+def fast_attention(dtype: Dtype, platform: str | None = None) -> str | None:
+  """The faster attention for a computation dtype on a platform (default: JAX's default).
+
+  cuDNN's fused attention on NVIDIA GPUs in bfloat16 / float16 (it takes no float32): one
+  guided amused-256 call on an H200 in bfloat16 took 34.0 against 43.3 ms at 64 rows, and
+  4.35 against 4.61 ms at 2. Elsewhere XLA's (``None``).
+  """
+  platform = platform or jax.default_backend()
+  half = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+  return "cudnn" if platform in ("gpu", "cuda") and half else None
+
 
 class Resample(nn.Module):
   """RMSNorm, then a 2x2 stride-2 conv (``down``) or transposed conv (up).
@@ -126,6 +140,7 @@ class UVitStage(nn.Module):
   attention_dropout: float = 0.0  # dropout on block-attention outputs
   dtype: Dtype = jnp.float32  # computation dtype
   param_dtype: Dtype = jnp.float32  # parameter dtype
+  attention_implementation: str | None = None  # see uvit_blocks.Attention.implementation
 
   @nn.compact
   def __call__(
@@ -148,7 +163,12 @@ class UVitStage(nn.Module):
       b, y, w, c = x.shape
       tokens = constrain(x.reshape(b, y * w, c), (BATCH, LENGTH, EMBED))  # [B, L, C]
       tokens = BlockAttention(
-        self.num_heads, self.use_bias, self.attention_dropout, **types, name=f"attention_blocks_{i}"
+        self.num_heads,
+        self.use_bias,
+        self.attention_dropout,
+        **types,
+        attention_implementation=self.attention_implementation,
+        name=f"attention_blocks_{i}",
       )(tokens, context, deterministic)
       x = tokens.reshape(b, y, w, c)
     if self.upsample:
@@ -188,6 +208,9 @@ class UVit2D(nn.Module):
   scan_layers: bool = True  # nn.scan over the transformer layers (stacked params, fast compile)
   dtype: Dtype = jnp.float32  # computation dtype (bfloat16 for speed); logits are float32
   param_dtype: Dtype = jnp.float32  # parameter dtype
+  # jax.nn.dot_product_attention's implementation: None (XLA's) or "cudnn" (fused, NVIDIA
+  # GPUs, bfloat16 / float16 only); `fast_attention` picks one for a dtype and platform.
+  attention_implementation: str | None = None
 
   @property
   def num_micro_conds(self) -> int:
@@ -212,6 +235,11 @@ class UVit2D(nn.Module):
       )
     if self.downsample and (y % 2 or w % 2):
       raise ValueError(f"downsample=True needs an even token grid; got {y}x{w}")
+    if self.attention_implementation not in ATTENTION_IMPLEMENTATIONS:
+      raise ValueError(
+        f"attention_implementation {self.attention_implementation!r} is not one of "
+        f"{ATTENTION_IMPLEMENTATIONS}"
+      )
 
   @nn.compact
   def __call__(
@@ -279,6 +307,7 @@ class UVit2D(nn.Module):
       self.hidden_dropout,
       self.attention_dropout,
       **types,
+      attention_implementation=self.attention_implementation,
       name=name,
     )
     x = stage("down_block", self.downsample, False)(x, cond, context, deterministic)
@@ -322,6 +351,7 @@ class UVit2D(nn.Module):
       deterministic=deterministic,
       dtype=self.dtype,
       param_dtype=self.param_dtype,
+      attention_implementation=self.attention_implementation,
     )
     if self.scan_layers:
       layers = nn.scan(

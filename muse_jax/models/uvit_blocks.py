@@ -217,6 +217,7 @@ class Attention(nn.Module):
   dropout_rate: float = 0.0  # dropout on the output projection
   dtype: Dtype = jnp.float32  # computation dtype
   param_dtype: Dtype = jnp.float32  # parameter dtype
+  implementation: str | None = None  # jax.nn.dot_product_attention's: None (XLA) or "cudnn"
 
   @nn.compact
   def __call__(
@@ -234,7 +235,7 @@ class Attention(nn.Module):
       q = dense((n, h), (EMBED, HEADS, HEAD_DIM), "q")(x)  # [B, L, N, H]
       kv = dense((2, n, h), (EMBED, None, HEADS, HEAD_DIM), "kv")(context)  # [B, S, 2, N, H]
       k, v = kv[:, :, 0], kv[:, :, 1]
-    out = jax.nn.dot_product_attention(q, k, v)  # [B, L, N, H]
+    out = jax.nn.dot_product_attention(q, k, v, implementation=self.implementation)  # [B, L, N, H]
     out = dense((x.shape[-1],), (HEADS, HEAD_DIM, EMBED), "out", contract=2)(out)
     return nn.Dropout(self.dropout_rate)(out, deterministic=deterministic)
 
@@ -285,6 +286,7 @@ class TransformerLayer(nn.Module):
   deterministic: bool = True  # disables dropout
   dtype: Dtype = jnp.float32  # computation dtype
   param_dtype: Dtype = jnp.float32  # parameter dtype
+  attention_implementation: str | None = None  # see Attention.implementation
 
   @nn.compact
   def __call__(self, x: jax.Array, context: jax.Array, cond: jax.Array) -> tuple[jax.Array, None]:
@@ -299,7 +301,13 @@ class TransformerLayer(nn.Module):
       kind, self.eps, self.use_scale, self.use_bias, **types, name=name
     )
     attn = lambda name: Attention(
-      self.num_heads, width // self.num_heads, self.use_bias, self.dropout_rate, **types, name=name
+      self.num_heads,
+      width // self.num_heads,
+      self.use_bias,
+      self.dropout_rate,
+      **types,
+      implementation=self.attention_implementation,
+      name=name,
     )
     x = x + attn("attn1")(ada("rms", "norm1")(x, cond), None, self.deterministic)
     x = x + attn("attn2")(ada("rms", "norm2")(x, cond), context, self.deterministic)
@@ -415,6 +423,7 @@ class BlockAttention(nn.Module):
   dropout_rate: float = 0.0  # dropout on attention outputs
   dtype: Dtype = jnp.float32  # computation dtype
   param_dtype: Dtype = jnp.float32  # parameter dtype
+  attention_implementation: str | None = None  # see Attention.implementation
 
   @nn.compact
   def __call__(self, x: jax.Array, context: jax.Array, deterministic: bool = True) -> jax.Array:
@@ -436,6 +445,7 @@ class BlockAttention(nn.Module):
         self.use_bias,
         self.dropout_rate,
         **types,
+        implementation=self.attention_implementation,
         name=f"attn{i}",
       )
       x = x + attn(RMSNorm(1e-6, True, **types, name=f"norm{i}")(x), context, deterministic)

@@ -28,6 +28,10 @@ Needs torch, diffusers and transformers (not the test suite's dependencies):
   python benchmarks/amused_vs_diffusers.py --size full --runs 3 --out /tmp/amused_full.json
   taskset -c 0 python benchmarks/amused_vs_diffusers.py --size mid   # one core each
   python benchmarks/amused_vs_diffusers.py --device cuda --size full --runs 10
+  python benchmarks/amused_vs_diffusers.py --device cuda --size full --batch 32   # throughput
+
+``--batch B`` makes every call B images of the one prompt (both sides batch them in one
+model call per step) and adds images per second: throughput instead of latency.
 
 On the CPU the breakdown counts CPU seconds (with one thread per side, as under `taskset -c 0`,
 that is the work done, whatever else the machine runs). Diffusers' parts are timed
@@ -180,7 +184,7 @@ def timed_cpu(fn, *args) -> tuple[float, float]:
 # The two sides.
 
 
-def diffusers_side(folder: pathlib.Path, dtype: str, clock: Clock):
+def diffusers_side(folder: pathlib.Path, dtype: str, clock: Clock, batch: int):
   from diffusers import AmusedPipeline
   import torch
 
@@ -192,6 +196,7 @@ def diffusers_side(folder: pathlib.Path, dtype: str, clock: Clock):
   def run(seed: int) -> np.ndarray:
     return pipe(
       PROMPT,
+      num_images_per_prompt=batch,
       num_inference_steps=NUM_STEPS,
       guidance_scale=GUIDANCE,
       # On the pipeline's device: a CPU generator would send each step's probabilities
@@ -218,8 +223,9 @@ def diffusers_side(folder: pathlib.Path, dtype: str, clock: Clock):
 def guided_call_flops(stage, ids, text, negative, scale: float) -> float:
   """XLA's FLOP count of one guided U-ViT call, from the program lowered for the CPU.
 
-  Counted on an unrolled copy of the model: XLA counts the body of a scanned layer stack
-  once, which leaves out 7 of the mid size's 8 layers (64 GFLOP counted instead of 95).
+  Counted on an unrolled copy of the model with XLA's attention: XLA counts the body of a
+  scanned layer stack once, which leaves out 7 of the mid size's 8 layers (64 GFLOP counted
+  instead of 95).
   Lowered for the CPU whatever the device: the GPU client counts nothing before compiling,
   and its compiled count leaves out the matrix products handed to cuBLAS (33 GFLOP for 95
   at mid size on an H200).
@@ -231,7 +237,10 @@ def guided_call_flops(stage, ids, text, negative, scale: float) -> float:
   from muse_jax import partitioning, sampling
   from muse_jax import text as text_lib
 
-  unrolled = dataclasses.replace(stage, model=stage.model.clone(scan_layers=False))
+  # XLA's attention: cuDNN's (``uvit.fast_attention`` on a GPU) has no CPU lowering, and
+  # fused or not, attention does the same multiplications.
+  model = stage.model.clone(scan_layers=False, attention_implementation=None)
+  unrolled = dataclasses.replace(stage, model=model)
   abstract = partitioning.unbox_abstract(unrolled.abstract_params())
 
   def call(params, ids, text, negative):
@@ -248,7 +257,7 @@ def guided_call_flops(stage, ids, text, negative, scale: float) -> float:
   return (cost[0] if isinstance(cost, list) else cost)["flops"]
 
 
-def ours_side(loaded, dtype: str, clock: Clock):
+def ours_side(loaded, dtype: str, clock: Clock, batch: int):
   """Our pipeline with the U-ViT computing in ``dtype`` (the other parts as loaded)."""
   import copy
 
@@ -265,7 +274,7 @@ def ours_side(loaded, dtype: str, clock: Clock):
   assert options.guidance_scale == amused.guidance_from_diffusers(GUIDANCE)
 
   def run(seed: int) -> np.ndarray:
-    return pipe.generate([PROMPT], seed=seed)
+    return pipe.generate([PROMPT], seed=seed, num_images_per_prompt=batch)
 
   stage, params = pipe.base_stage, pipe.base_params
 
@@ -289,9 +298,10 @@ def ours_side(loaded, dtype: str, clock: Clock):
 
   def breakdown(seed: int) -> dict[str, float]:
     parts = {}
-    parts["text"] = clock.measure(pipe.encode_prompts, [PROMPT], None, True)
-    text, negative = pipe.encode_prompts([PROMPT], None, guided=True)
-    ids = jnp.full((1, 256), stage.mask_id, jnp.int32)
+    prompts = [PROMPT] * batch
+    parts["text"] = clock.measure(pipe.encode_prompts, prompts, None, True)
+    text, negative = pipe.encode_prompts(prompts, None, guided=True)
+    ids = jnp.full((batch, 256), stage.mask_id, jnp.int32)
     jax_ready(transformer_steps(params, ids, text, negative))  # compiled once
     steps = min(clock.measure(transformer_steps, params, ids, text, negative) for _ in range(3))
     cpu = "CPU-" if clock.device == "cpu" else ""
@@ -303,7 +313,7 @@ def ours_side(loaded, dtype: str, clock: Clock):
       rate += f" (FLOPs not counted: {type(e).__name__}: {e})"
     print(f"one guided U-ViT call in {stage.model.dtype.name}: {rate}")
     t = clock.now()
-    tokens, _ = jax_ready(pipe.generate_tokens([PROMPT], seed=seed))
+    tokens, _ = jax_ready(pipe.generate_tokens([PROMPT], seed=seed, num_images_per_prompt=batch))
     loop = clock.now() - t - parts["text"]
     parts["transformer steps"] = steps
     parts["sampling arithmetic"] = max(loop - steps, 0.0)
@@ -327,7 +337,12 @@ def main() -> None:
   parser.add_argument(
     "--device", choices=("cpu", "cuda"), default="cpu", help="where both pipelines run"
   )
+  parser.add_argument(
+    "--batch", type=int, default=1, help="images per call (one prompt): throughput, not latency"
+  )
   args = parser.parse_args()
+  if args.batch < 1:
+    parser.error(f"--batch must be at least 1; got {args.batch}")
 
   if args.device == "cpu":
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -361,13 +376,15 @@ def main() -> None:
   loaded = runs.load_pipeline(run_dir)
   print(f"loaded ours in {time.perf_counter() - t:.1f} s")
   if args.device == "cpu":  # float16 on the CPU is no one's choice, and slow
-    sides = {"diffusers": diffusers_side(src, "float32", clock)}
+    sides = {"diffusers": diffusers_side(src, "float32", clock, args.batch)}
     baseline = {"ours float32": "diffusers", "ours bfloat16": "diffusers"}
   else:
-    sides = {f"diffusers {d}": diffusers_side(src, d, clock) for d in ("float32", "float16")}
+    sides = {
+      f"diffusers {d}": diffusers_side(src, d, clock, args.batch) for d in ("float32", "float16")
+    }
     baseline = {"ours float32": "diffusers float32", "ours bfloat16": "diffusers float16"}
   for dtype in ("float32", "bfloat16"):
-    sides[f"ours {dtype}"] = ours_side(loaded, dtype, clock)
+    sides[f"ours {dtype}"] = ours_side(loaded, dtype, clock, args.batch)
   names = list(sides)
   for name in names:  # warm-up: compiles ours, first-call costs of torch
     print(f"first call of {name}: {timed(sides[name][0], 0):.1f} s (compilation included)")
@@ -384,11 +401,12 @@ def main() -> None:
   cpu_medians = {n: statistics.median(v) for n, v in cpu.items()}
   parts = {n: sides[n][1](99) for n in names}
 
+  images = "one 256x256 image" if args.batch == 1 else f"{args.batch} 256x256 images a call"
   where = f"{os.cpu_count()} CPUs, {jax.devices()[0].device_kind}"
   if args.device == "cuda":
     where += f" (torch sees {torch.cuda.get_device_name()})"
   print(
-    f"\naMUSEd {args.size}, one 256x256 image, {NUM_STEPS} steps, guidance {GUIDANCE:g}; "
+    f"\naMUSEd {args.size}, {images}, {NUM_STEPS} steps, guidance {GUIDANCE:g}; "
     f"{where}; jax {jax.__version__}, torch {torch.__version__} with "
     f"{torch.get_num_threads()} threads; load average {os.getloadavg()[0]:.1f} at the end"
   )
@@ -399,6 +417,11 @@ def main() -> None:
     print(f"{label:22s}" + "".join(f"{seconds[n]:>{width - 1}.3f}s" for n in names))
 
   row(f"median of {args.runs}", medians)
+  if args.batch > 1:
+    print(
+      f"{'  images per second':22s}"
+      + "".join(f"{args.batch / medians[n]:>{width}.2f}" for n in names)
+    )
   row("  its CPU time", cpu_medians)
   print(f"one more run, {clock.unit} by part:")
   for part in ("text", "transformer steps", "sampling arithmetic", "VQ decode", "other", "total"):
@@ -411,6 +434,7 @@ def main() -> None:
       json.dumps(
         {
           "size": args.size,
+          "batch": args.batch,
           "device": where,
           "threads": torch.get_num_threads(),
           "runs": times,

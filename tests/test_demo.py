@@ -20,6 +20,12 @@ def test_tiny_demo_trains_generates_judges_and_reuses(tmp_path):
   for form in report["totals"].values():
     assert form["seen"]["total"] > 0 and form["held_out"]["total"] > 0
   assert len(report["images"]) == 18 + 2 * (1 + len(config.held_out))
+  by_shape = report["single_seen_by_shape"]
+  assert set(by_shape) == {"circle", "square", "triangle"}
+  for key in ("correct", "total"):
+    assert sum(t[key] for t in by_shape.values()) == report["totals"]["single"]["seen"][key]
+  squares = 6 - sum(p.endswith("square") for p in config.held_out)
+  assert by_shape["square"]["total"] == squares * config.images_per_prompt
   for entry in report["images"]:
     assert (tmp_path / entry["image"]).is_file()
     assert isinstance(entry["correct"], bool) and (entry["correct"] or entry["reason"])
@@ -28,7 +34,7 @@ def test_tiny_demo_trains_generates_judges_and_reuses(tmp_path):
   for stage in ("text_encoder", "tokenizer", "data", "base"):
     assert (tmp_path / f"{stage}.done").is_file()
   text = demo.summary(report, tmp_path)
-  assert "single" in text and "held-out" in text
+  assert "single" in text and "held-out" in text and "by shape: circle" in text
 
   # A second run trains nothing and gives the same images (same seed, same checkpoints).
   again = demo.run(config, tmp_path)

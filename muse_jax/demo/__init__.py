@@ -76,6 +76,11 @@ def summary(report: dict, workdir: pathlib.Path) -> str:
     if form in report["totals"]:
       t = report["totals"][form]
       lines.append(f"{form:<10} {cell(t['seen']):>16} {cell(t['held_out']):>16}")
+  if by_shape := report.get("single_seen_by_shape"):
+    lines.append(
+      "single, seen pairs, by shape: "
+      + ", ".join(f"{shape} {t['correct']}/{t['total']}" for shape, t in by_shape.items())
+    )
   inpaint = report["inpainting"]
   lines.append(
     f"inpainting '{inpaint['prompt']}': {'correct' if inpaint['correct'] else 'wrong: ' + inpaint['reason']}"

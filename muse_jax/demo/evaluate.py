@@ -125,18 +125,21 @@ def evaluate(
   images.save_png(images.make_grid(big, captions, columns=max(8, 2 * n)), workdir / "samples.png")
 
   totals = collections.defaultdict(lambda: {"seen": [0, 0], "held_out": [0, 0]})
+  # Single-object prompts on seen pairs by shape: where the demo falls short (squares).
+  by_shape = {shape: [0, 0] for shape in shapes.SHAPES}
   for e in entries:
     t = totals[e["form"]]["held_out" if e["held_out"] else "seen"]
     t[0] += e["correct"]
     t[1] += 1
+    if e["form"] == "single" and not e["held_out"]:
+      t = by_shape[shapes.parse_caption(e["prompt"]).pairs[0][1]]
+      t[0] += e["correct"]
+      t[1] += 1
+  tally = lambda c, t: dict(correct=c, total=t, accuracy=c / t if t else None)
   return dict(
     images=entries,
-    totals={
-      form: {
-        k: dict(correct=c, total=t, accuracy=c / t if t else None) for k, (c, t) in split.items()
-      }
-      for form, split in totals.items()
-    },
+    totals={form: {k: tally(*ct) for k, ct in split.items()} for form, split in totals.items()},
+    single_seen_by_shape={shape: tally(*ct) for shape, ct in by_shape.items()},
     inpainting=dict(
       prompt=inpaint["prompt"],
       input="samples/inpaint_input.png",

@@ -152,7 +152,7 @@ class AmusedStage:
   def with_dtype(self, dtype: Any) -> AmusedStage:
     """A copy computing in ``dtype``: ``bfloat16`` multiplies in bfloat16 and sums in
     float32 (the logits stay float32), ~1.7x faster on AVX512-BF16 CPUs. The attention
-    follows (``uvit.fast_attention``: cuDNN's on NVIDIA GPUs in half precision)."""
+    follows (``uvit.fast_attention``: cuDNN's on recent NVIDIA GPUs in half precision)."""
     dtype = jnp.dtype(dtype)
     model = self.model.clone(dtype=dtype, attention_implementation=fast_attention(dtype))
     return dataclasses.replace(self, model=model)
@@ -264,7 +264,7 @@ def stage_config_from_diffusers(root: PathLike) -> dict[str, Any]:
 
 
 def _stage_from_config(
-  config: dict[str, Any], platform: str, param_dtype: Any = None, dtype: Any = None
+  config: dict[str, Any], device: jax.Device, param_dtype: Any = None, dtype: Any = None
 ) -> AmusedStage:
   dtype = jnp.dtype(dtype or config.get("dtype", "float32"))
   model = UVit2D(
@@ -272,7 +272,7 @@ def _stage_from_config(
     scan_layers=True,
     dtype=dtype,
     param_dtype=jnp.dtype(param_dtype or config.get("param_dtype", "float32")),
-    attention_implementation=fast_attention(dtype, platform),
+    attention_implementation=fast_attention(dtype, device),
   )
   return AmusedStage(
     model,
@@ -306,7 +306,7 @@ def load_amused_stage(
   """
   path = pathlib.Path(path)
   mesh = mesh or partitioning.make_mesh()
-  platform = mesh.devices.flat[0].platform
+  device = mesh.devices.flat[0]
   cfg_file = path / checkpointing.CONFIG_FILE
   config = read_json(cfg_file) if cfg_file.is_file() else {}
   if config.get("format") != FORMAT:
@@ -317,11 +317,11 @@ def load_amused_stage(
         "nor a diffusers aMUSEd folder (transformer/, scheduler/, vqvae/)"
       )
     config = stage_config_from_diffusers(root)
-    stage = _stage_from_config(config, platform, np.float32, dtype)
+    stage = _stage_from_config(config, device, np.float32, dtype)
     shardings = partitioning.logical_shardings(stage.abstract_params(), mesh, rules)
     _, params = load_uvit(root / "transformer", shardings=shardings)
     return stage, params
-  stage = _stage_from_config(config, platform, dtype=dtype)
+  stage = _stage_from_config(config, device, dtype=dtype)
   abstract = partitioning.sharded_abstract(stage.abstract_params(), mesh, rules)
   with checkpointing.Checkpointer(path, async_save=False) as ckpt:
     restored = ckpt.restore_or_none({"params": abstract})

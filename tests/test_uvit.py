@@ -7,6 +7,7 @@ weights redrawn from a seeded normal, so that a wrong mapping cannot pass).
 import json
 import pathlib
 import shutil
+import types
 
 import flax.linen as nn
 import jax
@@ -231,11 +232,14 @@ def test_attention_implementation_is_threaded_and_chosen_per_platform(monkeypatc
   jax.eval_shape(lambda p: chosen.apply({"params": p}, *(ref[k] for k in INPUTS)), params)
   expected = 2 * model.num_hidden_layers + 2 * 2 * model.num_res_blocks
   assert seen == ["cudnn"] * expected
-  assert fast_attention(jnp.bfloat16, "gpu") == "cudnn"
-  assert fast_attention("float16", "cuda") == "cudnn"
-  assert fast_attention(jnp.float32, "gpu") is None  # cuDNN's fused attention takes no float32
-  assert fast_attention(jnp.bfloat16, "cpu") is None
-  assert fast_attention(jnp.bfloat16, "tpu") is None
+  gpu = lambda capability: types.SimpleNamespace(platform="gpu", compute_capability=capability)
+  assert fast_attention(jnp.bfloat16, gpu("9.0")) == "cudnn"
+  assert fast_attention("float16", gpu("8.0")) == "cudnn"
+  assert fast_attention(jnp.float32, gpu("9.0")) is None  # cuDNN's fused attention: no float32
+  assert fast_attention(jnp.bfloat16, gpu("7.5")) is None  # a T4 (Colab's free GPU)
+  assert fast_attention(jnp.bfloat16, gpu("gfx90a")) is None  # not a CUDA capability
+  assert fast_attention(jnp.bfloat16, types.SimpleNamespace(platform="tpu")) is None
+  assert fast_attention(jnp.bfloat16) is None  # this machine's CPU
 
 
 @pytest.mark.xfail(strict=True, reason="XLA SPMD miscompile (jax 0.10.2); see uvit_blocks.py")

@@ -68,16 +68,22 @@ from muse_jax.partitioning import (
 ATTENTION_IMPLEMENTATIONS = (None, "xla", "cudnn")
 
 
-def fast_attention(dtype: Dtype, platform: str | None = None) -> str | None:
-  """The faster attention for a computation dtype on a platform (default: JAX's default).
+def fast_attention(dtype: Dtype, device: jax.Device | None = None) -> str | None:
+  """The faster attention for a computation dtype on a device (default: JAX's first).
 
-  cuDNN's fused attention on NVIDIA GPUs in bfloat16 / float16 (it takes no float32): one
-  guided amused-256 call on an H200 in bfloat16 took 34.0 against 43.3 ms at 64 rows, and
-  4.35 against 4.61 ms at 2. Elsewhere XLA's (``None``).
+  cuDNN's fused attention on NVIDIA GPUs from Ampere on (compute capability 8.0; a T4 has
+  7.5), in bfloat16 / float16 (it takes no float32): one guided amused-256 call on an H200
+  in bfloat16 took 34.0 against 43.3 ms at 64 rows, and 4.35 against 4.61 ms at 2.
+  Elsewhere XLA's (``None``).
   """
-  platform = platform or jax.default_backend()
+  device = device or jax.devices()[0]
   half = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
-  return "cudnn" if platform in ("gpu", "cuda") and half else None
+  try:  # CUDA devices say "8.0"; others have no such attribute, or not in that form
+    capability = tuple(int(x) for x in device.compute_capability.split("."))
+  except (AttributeError, ValueError):
+    capability = ()
+  cuda = device.platform in ("gpu", "cuda")
+  return "cudnn" if half and cuda and capability >= (8, 0) else None
 
 
 class Resample(nn.Module):

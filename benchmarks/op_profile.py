@@ -13,6 +13,7 @@ Targets (``--target``):
   demo-step   forward + backward of the demo's base transformer (configs/demo.py), batch 64
   uvit-mid    one guided call of the mid-size aMUSEd U-ViT (benchmarks/amused_vs_diffusers.py)
   uvit-full   the same at amused-256 size
+  vq-decode   aMUSEd's VQ decoder (f = 16, 146M parameters): 16x16 ids to one 256x256 image
 
   python benchmarks/op_profile.py --target demo-step
   python benchmarks/op_profile.py --target uvit-mid --dtype bfloat16
@@ -88,6 +89,17 @@ def uvit_call(size: str, dtype: str):
   return lambda p: model.apply({"params": p}, ids, hidden, pooled, micro), (params,)
 
 
+def vq_decode(dtype: str):
+  """(function, args): aMUSEd's VQ decoder, random weights, one 16x16 grid of ids."""
+  import jax.numpy as jnp
+
+  from benchmarks.vq_speed import ours_from_state_dict
+
+  model, params = ours_from_state_dict(None, dtype)
+  ids = jnp.arange(256, dtype=jnp.int32).reshape(1, 16, 16)
+  return lambda p: model.apply({"params": p}, ids, method=model.decode), (params,)
+
+
 def op_metadata(hlo_text: str) -> dict[str, tuple[str, str]]:
   """{HLO instruction name: (output shape, op_name metadata)} of a compiled module."""
   info = {}
@@ -113,7 +125,9 @@ def module_path(op_name: str) -> str:
 
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  parser.add_argument("--target", choices=("demo-step", "uvit-mid", "uvit-full"), required=True)
+  parser.add_argument(
+    "--target", choices=("demo-step", "uvit-mid", "uvit-full", "vq-decode"), required=True
+  )
   parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
   parser.add_argument("--top", type=int, default=15, help="rows of each table")
   args = parser.parse_args()
@@ -122,6 +136,8 @@ def main() -> None:
 
   if args.target == "demo-step":
     fn, fn_args = demo_step(args.dtype)
+  elif args.target == "vq-decode":
+    fn, fn_args = vq_decode(args.dtype)
   else:
     fn, fn_args = uvit_call(args.target.removeprefix("uvit-"), args.dtype)
   compiled = jax.jit(fn).lower(*fn_args).compile()

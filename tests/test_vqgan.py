@@ -10,6 +10,7 @@ import pytest
 from muse_jax import partitioning
 from muse_jax.models.vqgan import (
   VQGAN,
+  UpsampleConv,
   depth_to_space,
   from_unit_range,
   space_to_depth,
@@ -115,6 +116,22 @@ def test_bad_options():
     _init(VQGAN(**TINY, embed_dim=4))
   with pytest.raises(ValueError, match="'avgpool' or 'conv'"):
     _init(VQGAN(**TINY, downsample="max"))
+
+
+@pytest.mark.parametrize("dtype, tol", [(jnp.float32, 1e-5), (jnp.bfloat16, 3e-2)])
+def test_upsample_conv_equals_conv_of_the_upsampled_image(dtype, tol):
+  """The sub-pixel form against nearest x2 then a zero-padded 3x3 conv, same parameters."""
+  x = jax.random.normal(jax.random.key(0), (2, 5, 7, 6))  # odd sides: every border case
+  module = UpsampleConv(4, dtype)
+  params = nn.meta.unbox(module.init(jax.random.key(1), x)["params"])
+  params["bias"] = jax.random.normal(jax.random.key(2), (4,))
+  assert params["kernel"].shape == (3, 3, 6, 4)  # the plain conv's: weights load unchanged
+  out = module.apply({"params": params}, x)
+  up = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
+  ref = nn.Conv(4, (3, 3), padding=((1, 1), (1, 1))).apply({"params": params}, up)
+  assert out.shape == (2, 10, 14, 4) and out.dtype == dtype
+  err = jnp.max(jnp.abs(out.astype(jnp.float32) - ref)) / jnp.max(jnp.abs(ref))
+  assert err < tol, err
 
 
 def test_bf16_compute_runs():

@@ -134,6 +134,23 @@ def test_upsample_conv_equals_conv_of_the_upsampled_image(dtype, tol):
   assert err < tol, err
 
 
+def test_upsample_conv_gradients_are_the_plain_forms():
+  x = jax.random.normal(jax.random.key(0), (2, 5, 7, 6))
+  module = UpsampleConv(4)
+  params = nn.meta.unbox(module.init(jax.random.key(1), x)["params"])
+  target = jax.random.normal(jax.random.key(2), (2, 10, 14, 4))
+
+  def plain(p, x):
+    up = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
+    return nn.Conv(4, (3, 3), padding=((1, 1), (1, 1))).apply({"params": p}, up)
+
+  loss = lambda f: jax.grad(lambda p, x: jnp.sum((f(p, x) - target) ** 2), argnums=(0, 1))
+  got = loss(lambda p, x: module.apply({"params": p}, x))(params, x)
+  want = loss(plain)(params, x)
+  for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+    np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5)
+
+
 def test_bf16_compute_runs():
   model = VQGAN(**TINY, dtype=jnp.bfloat16)
   v, x = _init(model)

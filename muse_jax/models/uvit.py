@@ -215,7 +215,7 @@ class UVit2D(nn.Module):
   dtype: Dtype = jnp.float32  # computation dtype (bfloat16 for speed); logits are float32
   param_dtype: Dtype = jnp.float32  # parameter dtype
   # jax.nn.dot_product_attention's implementation: None (XLA's) or "cudnn" (fused, NVIDIA
-  # GPUs, bfloat16 / float16 only); `fast_attention` picks one for a dtype and platform.
+  # GPUs, bfloat16 / float16 only); `fast_attention` picks one for a dtype and device.
   attention_implementation: str | None = None
 
   @property

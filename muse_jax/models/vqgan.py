@@ -208,7 +208,8 @@ class UpsampleConv(nn.Module):
 
 
 class Upsample(nn.Module):
-  """Nearest-neighbour x2 then conv 3x3 (diffusers ``Upsample2D(use_conv=True)``)."""
+  """Nearest-neighbour x2 then conv 3x3 (diffusers ``Upsample2D(use_conv=True)``), the
+  conv in sub-pixel form (``UpsampleConv``)."""
 
   dtype: Dtype = jnp.float32
 

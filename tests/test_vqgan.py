@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 
 from muse_jax import partitioning
+from muse_jax.models.subpixel import UpsampleConv
 from muse_jax.models.vqgan import (
   VQGAN,
-  UpsampleConv,
   depth_to_space,
   from_unit_range,
   space_to_depth,

@@ -226,6 +226,7 @@ def guided_call_flops(stage, ids, text, negative, scale: float) -> float:
   Counted on an unrolled copy of the model with XLA's attention: XLA counts the body of a
   scanned layer stack once, which leaves out 7 of the mid size's 8 layers (64 GFLOP counted
   instead of 95).
+
   Lowered for the CPU whatever the device: the GPU client counts nothing before compiling,
   and its compiled count leaves out the matrix products handed to cuBLAS (33 GFLOP for 95
   at mid size on an H200).

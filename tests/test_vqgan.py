@@ -118,6 +118,14 @@ def test_bad_options():
     _init(VQGAN(**TINY, downsample="max"))
 
 
+def _plain_upsample_conv(params, x):
+  """The reference: nearest x2, then a zero-padded 3x3 conv with the same parameters."""
+  up = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
+  return nn.Conv(params["bias"].shape[0], (3, 3), padding=((1, 1), (1, 1))).apply(
+    {"params": params}, up
+  )
+
+
 @pytest.mark.parametrize("dtype, tol", [(jnp.float32, 1e-5), (jnp.bfloat16, 3e-2)])
 def test_upsample_conv_equals_conv_of_the_upsampled_image(dtype, tol):
   """The sub-pixel form against nearest x2 then a zero-padded 3x3 conv, same parameters."""
@@ -127,8 +135,7 @@ def test_upsample_conv_equals_conv_of_the_upsampled_image(dtype, tol):
   params["bias"] = jax.random.normal(jax.random.key(2), (4,))
   assert params["kernel"].shape == (3, 3, 6, 4)  # the plain conv's: weights load unchanged
   out = module.apply({"params": params}, x)
-  up = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
-  ref = nn.Conv(4, (3, 3), padding=((1, 1), (1, 1))).apply({"params": params}, up)
+  ref = _plain_upsample_conv(params, x)
   assert out.shape == (2, 10, 14, 4) and out.dtype == dtype
   err = jnp.max(jnp.abs(out.astype(jnp.float32) - ref)) / jnp.max(jnp.abs(ref))
   assert err < tol, err
@@ -139,14 +146,9 @@ def test_upsample_conv_gradients_are_the_plain_forms():
   module = UpsampleConv(4)
   params = nn.meta.unbox(module.init(jax.random.key(1), x)["params"])
   target = jax.random.normal(jax.random.key(2), (2, 10, 14, 4))
-
-  def plain(p, x):
-    up = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
-    return nn.Conv(4, (3, 3), padding=((1, 1), (1, 1))).apply({"params": p}, up)
-
   loss = lambda f: jax.grad(lambda p, x: jnp.sum((f(p, x) - target) ** 2), argnums=(0, 1))
   got = loss(lambda p, x: module.apply({"params": p}, x))(params, x)
-  want = loss(plain)(params, x)
+  want = loss(_plain_upsample_conv)(params, x)
   for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
     np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5)
 

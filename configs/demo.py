@@ -34,7 +34,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     num_res_blocks=1,
     latent_channels=32,
     embed_dim=8,
+    # 1024 codes reconstruct squares no better (77% judged right against 78%, and 94-97%
+    # of circles and triangles either way): the decoder's corners, not the codebook, limit.
     codebook_size=256,
+    # Pixel loss, "l2" or "l1". L1 at this learning rate: 18% of squares reconstructed
+    # right, against 78% (PSNR 22 against 28).
+    loss="l2",
     steps=2200,  # all fit in the time limit on 2 idle cores (177 s measured)
     batch_size=8,
     lr=2e-3,

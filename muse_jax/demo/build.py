@@ -67,7 +67,7 @@ def make_text_encoder(config: ml_collections.ConfigDict, folder: pathlib.Path) -
 
 
 def train_tokenizer(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> None:
-  """The f=8 VQ tokenizer on shapes images (MSE + commitment: flat colours need no GAN)."""
+  """The f=8 VQ tokenizer on shapes images (pixel loss + commitment: flat colours need no GAN)."""
   t = config.tokenizer
   c = vqgan_config.base_config()
   c.model.update(patch_size=t.patch_size, channels=tuple(t.channels), num_res_blocks=t.num_res_blocks,
@@ -75,7 +75,7 @@ def train_tokenizer(config: ml_collections.ConfigDict, workdir: pathlib.Path) ->
                  use_quant_conv=True, l2_normalize=True, codebook_size=t.codebook_size,
                  norm_groups=8)  # fmt: skip
   c.loss.update(
-    reconstruction="l2", perceptual_weight=0.0, adversarial_weight=0.0, disc_start=10**9
+    reconstruction=t.loss, perceptual_weight=0.0, adversarial_weight=0.0, disc_start=10**9
   )
   # Random codes, no k-means and no restarts: 80% of the patches are white, and both would
   # spend dozens of near-identical codes on white, which the transformer then cannot predict

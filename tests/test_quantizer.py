@@ -10,6 +10,8 @@ from muse_jax.models.quantizer import (
   code_stats,
   kmeans_init,
   nearest_code,
+  nearest_codes,
+  perturb_ids,
   restart_dead_codes,
 )
 
@@ -103,3 +105,26 @@ def test_restart_dead_codes_replaces_only_dead_ones():
   assert int(n) == 2
   np.testing.assert_array_equal(new[jnp.array([0, 2])], cb[jnp.array([0, 2])])
   assert bool(jnp.all(new[jnp.array([1, 3])] >= 100.0))
+
+
+def test_nearest_codes_match_brute_force_across_chunks():
+  cb = jax.random.normal(jax.random.key(3), (300, 5))
+  c = np.asarray(cb)
+  d = ((c[:, None] - c[None]) ** 2).sum(-1)
+  np.fill_diagonal(d, np.inf)
+  got = nearest_codes(cb, 4, chunk=128)  # 300 rows: the last chunk is partial
+  np.testing.assert_array_equal(got, np.argsort(d, axis=1)[:, :4])
+  with pytest.raises(ValueError, match="k=300 neighbours, expected 1 <= k < K=300"):
+    nearest_codes(cb, 300)
+
+
+def test_perturb_ids_swaps_at_the_rate_and_only_for_neighbours():
+  neighbours = nearest_codes(jax.random.normal(jax.random.key(4), (64, 3)), 2)
+  ids = jax.random.randint(jax.random.key(5), (32, 8, 8), 0, 64)
+  out = np.asarray(perturb_ids(jax.random.key(6), ids, neighbours, 0.3))
+  ids, nb = np.asarray(ids), np.asarray(neighbours)
+  changed = out != ids
+  assert out.shape == ids.shape and out.dtype == np.int32
+  assert 0.27 < changed.mean() < 0.33  # 2048 tokens: a 4-sigma band
+  assert all(o in nb[i] for i, o in zip(ids[changed], out[changed], strict=True))
+  np.testing.assert_array_equal(perturb_ids(jax.random.key(6), ids, neighbours, 0.0), ids)

@@ -7,6 +7,7 @@ import pathlib
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from PIL import Image
 import pytest
 import safetensors.numpy
@@ -103,12 +104,13 @@ def test_load_tokenizer_from_workdir(trained):
 
 
 @pytest.mark.slow
-def test_decoder_finetune_freezes_encoder_and_codebook(trained, tmp_path):
+@pytest.mark.parametrize("code_noise", [0.0, 0.5])
+def test_decoder_finetune_freezes_encoder_and_codebook(trained, tmp_path, code_noise):
   src, _, _ = trained
   source = vq_tokenizer.load_tokenizer(src)
   c = tiny_config(steps=2)
   c.model.update(decoder_channels=(16, 32, 32), decoder_num_res_blocks=2)
-  c.finetune.checkpoint = str(src)
+  c.finetune.update(checkpoint=str(src), code_noise=code_noise, noise_neighbours=3)
   c.loss.disc_start = 100
   state = vqgan.train_and_evaluate(c, tmp_path / "ft")
   for key in ("encoder", "quantize"):
@@ -117,6 +119,57 @@ def test_decoder_finetune_freezes_encoder_and_codebook(trained, tmp_path):
     ):
       np.testing.assert_array_equal(a, b)
   assert state.params["decoder"]["conv_in"]["kernel"].shape[-1] == 32
+
+
+def test_code_noise_reaches_the_decoder(trained):
+  """One finetuning step's loss is the clean image against the decoded *perturbed* codes."""
+  from muse_jax.models import quantizer
+  from muse_jax.trainers import vqgan_step
+
+  src, _, _ = trained
+  model, params = vq_tokenizer.load_tokenizer(src)
+  c = tiny_config()
+  c.finetune.update(checkpoint=str(src), code_noise=0.5)
+  images = jnp.asarray(np.random.default_rng(0).integers(0, 256, (4, 32, 32, 3)), jnp.uint8)
+  x = images.astype(jnp.float32) / 127.5 - 1.0
+  ids = model.apply({"params": params}, x, method=model.encode)
+  codebook = model.apply({"params": params}, method=lambda m: m.quantize.codebook())
+  neighbours = quantizer.nearest_codes(codebook, 3)
+
+  def rec_loss(code_neighbours):
+    step = vqgan_step.make_train_step(
+      c, model, None, None, optax.identity(), optax.identity(), lambda s: 0.0,
+      use_gan=False, frozen_encoder=True, code_neighbours=code_neighbours,
+    )  # fmt: skip
+    state = vqgan_step.TrainState(jnp.int32(0), params, params, optax.identity().init(params),
+                                  None, None, None, jnp.zeros(model.codebook_size))  # fmt: skip
+    return float(step(state, {"image": images}, None)[1]["train/rec_loss"])
+
+  # The step's draw: the base key (train.seed) folded with step 0, then with 1.
+  rng = jax.random.fold_in(jax.random.fold_in(jax.random.key(c.train.seed), 0), 1)
+  noisy = quantizer.perturb_ids(rng, ids, neighbours, 0.5)
+  assert int(jnp.sum(noisy != ids)) > 0
+  for ids_seen, code_neighbours in ((ids, None), (noisy, neighbours)):
+    decoded = model.apply({"params": params}, ids_seen, method=model.decode)
+    np.testing.assert_allclose(
+      rec_loss(code_neighbours), float(jnp.mean(jnp.abs(x - decoded))), rtol=1e-5
+    )
+
+
+@pytest.mark.parametrize(
+  ("finetune", "match"),
+  [
+    (dict(code_noise=1.0), r"code_noise is 1.0; expected a probability in \[0, 1\)"),
+    (dict(code_noise=0.2, checkpoint=""), "code_noise=0.2 needs finetune.checkpoint"),
+    (dict(code_noise=0.2, noise_neighbours=32), "noise_neighbours is 32; expected 1 <= k < codebook_size 32"),
+  ],
+)  # fmt: skip
+def test_bad_code_noise_names_the_value(trained, tmp_path, finetune, match):
+  c = tiny_config(steps=1)
+  c.finetune.update(checkpoint=str(trained[0]))
+  c.finetune.update(**finetune)
+  with pytest.raises(ValueError, match=match):
+    vqgan.train_and_evaluate(c, tmp_path / "bad")
 
 
 def test_finetune_from_a_mismatched_tokenizer_names_both(fixtures_dir, tmp_path):

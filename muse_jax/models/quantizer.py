@@ -177,3 +177,56 @@ def restart_dead_codes(
   if noise:
     fresh = fresh + noise * jax.random.normal(k2, fresh.shape, fresh.dtype)
   return jnp.where(dead[:, None], fresh, codebook), jnp.sum(dead)
+
+
+# ---------------------------------------------------------------------------
+# Code noise for decoder finetuning: the decoder learns to render the image a slightly
+# wrong token grid was meant to be.
+
+
+def nearest_codes(codebook: Array, k: int, chunk: int = 1024) -> Array:
+  """Each code's ``k`` nearest other codes (squared Euclidean distance), nearest first.
+
+  Computed once for a frozen codebook, ``chunk`` rows at a time, so that K = 8192 needs
+  a [chunk, K] distance block rather than [K, K].
+
+  Args:
+    codebook: float [K, D].
+    k: neighbours per code, 1 <= k < K.
+
+  Returns:
+    int32 [K, k]; a code is never its own neighbour (duplicates of it may be).
+  """
+  size = codebook.shape[0]
+  if not 1 <= k < size:
+    raise ValueError(f"nearest_codes: k={k} neighbours, expected 1 <= k < K={size}")
+  cb = codebook.astype(jnp.float32)
+  norms = jnp.sum(cb * cb, axis=-1)  # [K]
+
+  @jax.jit
+  def rows(start: Array) -> Array:  # [chunk] ids from `start` -> int32 [chunk, k]
+    ids = jnp.minimum(start + jnp.arange(chunk), size - 1)
+    dots = jnp.einsum("CD,KD->CK", cb[ids], cb, precision=jax.lax.Precision.HIGHEST)
+    dist = norms[ids][:, None] - 2.0 * dots + norms[None, :]  # [chunk, K]
+    dist = jnp.where(ids[:, None] == jnp.arange(size)[None, :], jnp.inf, dist)
+    return jax.lax.top_k(-dist, k)[1].astype(jnp.int32)
+
+  return jnp.concatenate([rows(jnp.int32(s)) for s in range(0, size, chunk)])[:size]
+
+
+def perturb_ids(rng: Array, ids: Array, neighbours: Array, rate: float) -> Array:
+  """Replaces each id, with probability ``rate``, by one of its neighbours at random.
+
+  Args:
+    rng: PRNG key.
+    ids: int [...] token ids.
+    neighbours: int32 [K, k] (``nearest_codes``).
+    rate: probability that a token is replaced.
+
+  Returns:
+    int32 ids of the shape of ``ids``.
+  """
+  flip_key, pick_key = jax.random.split(rng)
+  flip = jax.random.bernoulli(flip_key, rate, ids.shape)
+  pick = jax.random.randint(pick_key, ids.shape, 0, neighbours.shape[1])
+  return jnp.where(flip, neighbours[ids, pick], ids).astype(jnp.int32)

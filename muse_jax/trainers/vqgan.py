@@ -18,7 +18,9 @@ nothing is saved from the bad state, so the last good checkpoint is kept.
 
 Decoder finetuning (§2.5): ``finetune.checkpoint`` names a trained tokenizer (our
 workdir or a diffusers VQModel folder); its encoder, quant_conv and codebook are copied
-and frozen while a new (larger) decoder trains on the same losses.
+and frozen while a new (larger) decoder trains on the same losses. ``finetune.code_noise``
+also feeds that decoder codes swapped for near neighbours at that rate, so that it
+renders a transformer's imperfect token grids as clean images (``vqgan_step``).
 
 ``muse_jax.vq_tokenizer.load_tokenizer(path)`` gives other stages ``(model, params)`` from our workdir (EMA
 params) or from a diffusers VQModel / aMUSEd pipeline folder.
@@ -46,6 +48,7 @@ import tqdm
 from muse_jax import checkpointing, optim, partitioning
 from muse_jax import images as images_lib
 from muse_jax.data import pipeline
+from muse_jax.models import quantizer as quantizer_lib
 from muse_jax.models.perceptual import LPIPS
 from muse_jax.trainers import common
 from muse_jax.trainers.vqgan_config import make_discriminator, make_model
@@ -180,6 +183,25 @@ def _with_shardings(abstract: Any, shardings: Any) -> Any:
   )
 
 
+def _check_code_noise(finetune: ml_collections.ConfigDict, codebook_size: int) -> None:
+  rate, k = finetune.code_noise, finetune.noise_neighbours
+  if not 0.0 <= rate < 1.0:
+    raise ValueError(f"finetune.code_noise is {rate}; expected a probability in [0, 1)")
+  if rate and not finetune.checkpoint:
+    raise ValueError(
+      f"finetune.code_noise={rate} needs finetune.checkpoint: code noise trains a decoder "
+      "against a frozen codebook"
+    )
+  if rate and not 1 <= k < codebook_size:
+    raise ValueError(
+      f"finetune.noise_neighbours is {k}; expected 1 <= k < codebook_size {codebook_size}"
+    )
+
+
+def _codebook(model: nn.Module) -> jax.Array:
+  return model.quantize.codebook()  # [K, D] as the lookup uses it (l2-normalised or not)
+
+
 def _frozen_subtrees(config, model, abstract_params) -> dict[str, Any]:
   """Encoder, quant_conv and codebook of ``finetune.checkpoint``, checked against ours."""
   src = config.finetune.checkpoint
@@ -271,6 +293,7 @@ def train_and_evaluate(
   frozen = bool(config.finetune.checkpoint)
   if config.finetune.checkpoint.startswith("REQUIRED"):
     raise ValueError(f"decoder finetuning needs a trained tokenizer: {config.finetune.checkpoint}")
+  _check_code_noise(config.finetune, model.codebook_size)
   local_batch = common.local_batch_size(t.batch_size)
   batch_devices = mesh.shape[partitioning.DATA] * mesh.shape[partitioning.FSDP]
   if t.batch_size % batch_devices:
@@ -313,10 +336,17 @@ def train_and_evaluate(
     batch_sh = {"image": partitioning.batch_sharding(mesh, 4)}
     lpips_params = jax.device_put(lpips_params, rep) if lpips_params is not None else None
 
+    neighbours = None
+    if config.finetune.code_noise:  # of the frozen codebook, once
+      codebook = jax.jit(lambda p: model.apply({"params": p}, method=_codebook))(state.params)
+      k = config.finetune.noise_neighbours
+      neighbours = jax.device_put(quantizer_lib.nearest_codes(codebook, k), rep)
+      logging.info("Code noise: %g of the tokens swapped for one of their %d nearest codes.",
+                   config.finetune.code_noise, k)  # fmt: skip
+
     def compile_step(use_gan):
-      fn = make_train_step(
-        config, model, disc, lpips, tx, disc_tx, schedule, use_gan=use_gan, frozen_encoder=frozen
-      )
+      fn = make_train_step(config, model, disc, lpips, tx, disc_tx, schedule, use_gan=use_gan,
+                           frozen_encoder=frozen, code_neighbours=neighbours)  # fmt: skip
       return jax.jit(
         fn,
         in_shardings=(shardings, batch_sh, rep),

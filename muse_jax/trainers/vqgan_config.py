@@ -66,6 +66,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.finetune = dict(
     checkpoint="",  # trained tokenizer (workdir / diffusers folder): encoder + codebook frozen
     copy_decoder=False,  # also start the decoder from it (same decoder shape) instead of afresh
+    # Probability that a token the decoder sees is swapped for one of its `noise_neighbours`
+    # nearest codes (the target stays the clean image): robustness to sampled tokens.
+    code_noise=0.0,
+    noise_neighbours=8,
   )
   c.data = default_data_config()  # folder / tar / tfds / synthetic "shapes"
   c.data.output = "uint8"  # the step maps uint8 to the model's range on the device

@@ -14,7 +14,11 @@ One call of the step (all inside one ``jax.jit``):
 
 Decoder finetuning (paper §2.5): the encoder, quant_conv and codebook are frozen
 (``frozen_encoder``): their outputs are behind ``stop_gradient`` and their optimizer
-transform is ``set_to_zero``; codebook upkeep is off.
+transform is ``set_to_zero``; codebook upkeep is off. With ``code_neighbours`` given
+(``finetune.code_noise`` > 0), each token the decoder sees is, with that probability,
+swapped for one of its codebook neighbours while the target stays the clean image: a
+transformer's sampled tokens are never exactly an encoder's, and a decoder trained this
+way renders what a slightly wrong token grid was meant to show.
 
 Two variants of the step are compiled, without and with the GAN terms; the loop picks
 one by the step number, so the pre-GAN phase pays nothing for the discriminator.
@@ -87,23 +91,34 @@ def make_train_step(
   *,
   use_gan: bool,
   frozen_encoder: bool,
+  code_neighbours: jax.Array | None = None,
 ) -> Callable[..., tuple[TrainState, dict[str, jax.Array]]]:
-  """``step(state, batch, lpips_params) -> (state, metrics)``; ``batch["image"]`` uint8 [B,H,W,3]."""
+  """``step(state, batch, lpips_params) -> (state, metrics)``; ``batch["image"]`` uint8 [B,H,W,3].
+
+  ``code_neighbours`` (int32 [K, k], ``quantizer.nearest_codes`` of the frozen codebook)
+  turns on code noise at rate ``config.finetune.code_noise``; decoder finetuning only.
+  """
   L, cb_cfg, t = config.loss, config.codebook, config.train
   lo, hi = model.input_range
   base_rng = jax.random.key(t.seed)
   perc_w = L.perceptual_weight if lpips is not None else 0.0
+  if code_neighbours is not None and not frozen_encoder:
+    raise ValueError("code noise needs a frozen codebook (decoder finetuning)")
 
-  def forward(params, x):
+  def forward(params, x, rng):
     v = {"params": params}
     if not frozen_encoder:
       return model.apply(v, x)
     z = jax.lax.stop_gradient(model.apply(v, x, method=model.encode_latents))
     z_q, ids, aux = model.apply(v, z, method=model.quantize_latents)
-    return model.apply(v, z_q, method=model.decode_codes), {**aux, "ids": ids, "z": z}
+    aux = {**aux, "ids": ids, "z": z}
+    if code_neighbours is None:
+      return model.apply(v, z_q, method=model.decode_codes), aux
+    noisy = quantizer_lib.perturb_ids(rng, ids, code_neighbours, config.finetune.code_noise)
+    return model.apply(v, noisy, method=model.decode), aux
 
-  def gen_loss(params, disc_params, lpips_params, x):
-    x_hat, aux = forward(params, x)
+  def gen_loss(params, disc_params, lpips_params, x, rng):
+    x_hat, aux = forward(params, x, rng)
     rec = losses.reconstruction_loss(x, x_hat, L.reconstruction)
     total = L.reconstruction_weight * rec + L.quantizer_weight * aux["quantizer_loss"]
     m = {
@@ -149,7 +164,7 @@ def make_train_step(
     x = batch["image"].astype(jnp.float32) * ((hi - lo) / 255.0) + lo
     rng = jax.random.fold_in(base_rng, state.step)
     (_, (x_hat, aux, m)), grads = jax.value_and_grad(gen_loss, has_aux=True)(
-      state.params, state.disc_params, lpips_params, x
+      state.params, state.disc_params, lpips_params, x, jax.random.fold_in(rng, 1)
     )
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)

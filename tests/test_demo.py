@@ -31,8 +31,10 @@ def test_tiny_demo_trains_generates_judges_and_reuses(tmp_path):
     assert isinstance(entry["correct"], bool) and (entry["correct"] or entry["reason"])
   assert (tmp_path / report["inpainting"]["image"]).is_file()
   assert Image.open(tmp_path / "samples.png").size[0] > 8 * 64
-  for stage in ("text_encoder", "tokenizer", "data", "base"):
+  for stage in ("text_encoder", "tokenizer", "decoder", "data", "base"):
     assert (tmp_path / f"{stage}.done").is_file()
+  # Pixels come from the decoder finetuned on noisy codes, not the tokenizer's own.
+  assert json.loads((tmp_path / "pipeline.json").read_text())["tokenizer"] == "decoder"
   text = demo.summary(report, tmp_path)
   assert "single" in text and "held-out" in text and "by shape: circle" in text
 

@@ -1,10 +1,10 @@
 """The demo: Muse trained and judged end to end on the synthetic shapes set, on any machine.
 
 `run(config, workdir)` builds a frozen text encoder, trains a VQ tokenizer (then its
-decoder again, on noisy codes) and a base transformer with the library's own trainers (holding out some (colour, shape) pairs),
-writes a run folder that `muse-jax sample --checkpoint WORKDIR` uses, generates images
-for prompts of every caption form plus an inpainting example, and judges each image
-from its pixels. Outputs: WORKDIR/samples.png, WORKDIR/report.json, WORKDIR/samples/.
+decoder again, on noisy codes) and a base transformer with the library's own trainers
+(holding out some (colour, shape) pairs), writes a run folder that
+`muse-jax sample --checkpoint WORKDIR` uses, generates images for prompts of every
+caption form plus an inpainting example, and judges each image from its pixels. Outputs: WORKDIR/samples.png, WORKDIR/report.json, WORKDIR/samples/.
 
 Each stage leaves a `<stage>.done` marker when it finishes; a second run reuses the
 finished stages and only generates.

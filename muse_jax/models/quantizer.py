@@ -202,6 +202,7 @@ def nearest_codes(codebook: Array, k: int, chunk: int = 1024) -> Array:
     raise ValueError(f"nearest_codes: k={k} neighbours, expected 1 <= k < K={size}")
   cb = codebook.astype(jnp.float32)
   norms = jnp.sum(cb * cb, axis=-1)  # [K]
+  chunk = min(chunk, size)
 
   @jax.jit
   def rows(start: Array) -> Array:  # [chunk] ids from `start` -> int32 [chunk, k]

@@ -20,7 +20,7 @@ Decoder finetuning (§2.5): ``finetune.checkpoint`` names a trained tokenizer (o
 workdir or a diffusers VQModel folder); its encoder, quant_conv and codebook are copied
 and frozen while a new (larger) decoder trains on the same losses. ``finetune.code_noise``
 also feeds that decoder codes swapped for near neighbours at that rate, so that it
-renders a transformer's imperfect token grids as clean images (``vqgan_step``).
+renders a transformer's imperfect token grids closer to clean images (``vqgan_step``).
 
 ``muse_jax.vq_tokenizer.load_tokenizer(path)`` gives other stages ``(model, params)`` from our workdir (EMA
 params) or from a diffusers VQModel / aMUSEd pipeline folder.

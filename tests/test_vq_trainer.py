@@ -121,10 +121,26 @@ def test_decoder_finetune_freezes_encoder_and_codebook(trained, tmp_path, code_n
   assert state.params["decoder"]["conv_in"]["kernel"].shape[-1] == 32
 
 
+def _finetune_step_rec_loss(config, model, params, batch, code_neighbours=None):
+  """The reconstruction loss of one decoder-finetuning step from ``params``."""
+  from muse_jax.trainers import vqgan_step
+
+  step = vqgan_step.make_train_step(
+    config, model, None, None, optax.identity(), optax.identity(), lambda s: 0.0,
+    use_gan=False, frozen_encoder=True, code_neighbours=code_neighbours,
+  )  # fmt: skip
+  state = vqgan_step.TrainState(jnp.int32(0), params, params, optax.identity().init(params),
+                                None, None, None, jnp.zeros(model.codebook_size))  # fmt: skip
+  return float(step(state, batch, None)[1]["train/rec_loss"])
+
+
+def _decoded_l1(model, params, ids, x):
+  return float(jnp.mean(jnp.abs(x - model.apply({"params": params}, ids, method=model.decode))))
+
+
 def test_code_noise_reaches_the_decoder(trained):
   """One finetuning step's loss is the clean image against the decoded *perturbed* codes."""
   from muse_jax.models import quantizer
-  from muse_jax.trainers import vqgan_step
 
   src, _, _ = trained
   model, params = vq_tokenizer.load_tokenizer(src)
@@ -136,24 +152,45 @@ def test_code_noise_reaches_the_decoder(trained):
   codebook = model.apply({"params": params}, method=lambda m: m.quantize.codebook())
   neighbours = quantizer.nearest_codes(codebook, 3)
 
-  def rec_loss(code_neighbours):
-    step = vqgan_step.make_train_step(
-      c, model, None, None, optax.identity(), optax.identity(), lambda s: 0.0,
-      use_gan=False, frozen_encoder=True, code_neighbours=code_neighbours,
-    )  # fmt: skip
-    state = vqgan_step.TrainState(jnp.int32(0), params, params, optax.identity().init(params),
-                                  None, None, None, jnp.zeros(model.codebook_size))  # fmt: skip
-    return float(step(state, {"image": images}, None)[1]["train/rec_loss"])
-
   # The step's draw: the base key (train.seed) folded with step 0, then with 1.
   rng = jax.random.fold_in(jax.random.fold_in(jax.random.key(c.train.seed), 0), 1)
   noisy = quantizer.perturb_ids(rng, ids, neighbours, 0.5)
   assert int(jnp.sum(noisy != ids)) > 0
   for ids_seen, code_neighbours in ((ids, None), (noisy, neighbours)):
-    decoded = model.apply({"params": params}, ids_seen, method=model.decode)
     np.testing.assert_allclose(
-      rec_loss(code_neighbours), float(jnp.mean(jnp.abs(x - decoded))), rtol=1e-5
+      _finetune_step_rec_loss(c, model, params, {"image": images}, code_neighbours),
+      _decoded_l1(model, params, ids_seen, x),
+      rtol=1e-5,
     )
+
+
+def test_batch_ids_replace_the_encoders_when_finetuning(trained, tmp_path):
+  src, _, _ = trained
+  model, params = vq_tokenizer.load_tokenizer(src)
+  c = tiny_config()
+  c.finetune.update(checkpoint=str(src))
+  images = jnp.asarray(np.random.default_rng(1).integers(0, 256, (8, 32, 32, 3)), jnp.uint8)
+  x = images.astype(jnp.float32) / 127.5 - 1.0
+  given = jax.random.randint(jax.random.key(2), (8, 8, 8), 0, model.codebook_size)
+  np.testing.assert_allclose(
+    _finetune_step_rec_loss(c, model, params, {"image": images, "ids": given}),
+    _decoded_l1(model, params, given, x),
+    rtol=1e-5,
+  )
+
+  # Through the trainer: the right shape trains; a wrong one, or ids without finetuning,
+  # is an error naming the shape found and the one expected.
+  def batches(ids_shape):
+    while True:
+      yield {"image": np.asarray(images), "ids": np.zeros(ids_shape, np.int32)}
+
+  c.train.update(steps=1, batch_size=8, eval_every=0, image_every=0)
+  vqgan.train_and_evaluate(c, tmp_path / "ok", data=batches((8, 8, 8)))
+  with pytest.raises(ValueError, match=r"ids of shape \(8, 4, 4\) .*expected int \[8, 8, 8\]"):
+    vqgan.train_and_evaluate(c, tmp_path / "shape", data=batches((8, 4, 4)))
+  c.finetune.checkpoint = ""
+  with pytest.raises(ValueError, match="without finetune.checkpoint"):
+    vqgan.train_and_evaluate(c, tmp_path / "plain", data=batches((8, 8, 8)))
 
 
 @pytest.mark.parametrize(

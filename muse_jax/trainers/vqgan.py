@@ -273,7 +273,9 @@ def train_and_evaluate(
     config: like ``base_config()``.
     workdir: ``checkpoints/`` and ``tensorboard/`` go here.
     data: optional iterator of ``{"image": uint8 [b, S, S, 3]}`` local batches (with
-      ``get_state``/``set_state`` for exact resumption); default: ``config.data``.
+      ``get_state``/``set_state`` for exact resumption); default: ``config.data``. With
+      decoder finetuning a batch may add ``"ids"``, int [b, S/f, S/f]: the codes the
+      decoder sees instead of the encoder's (``vqgan_step``).
     eval_images: optional uint8 [N, S, S, 3] held-out images for PSNR and grids;
       default: the first batch.
 
@@ -344,12 +346,13 @@ def train_and_evaluate(
       logging.info("Code noise: %g of the tokens swapped for one of their %d nearest codes.",
                    config.finetune.code_noise, k)  # fmt: skip
 
-    def compile_step(use_gan):
+    def compile_step(use_gan, with_ids):
       fn = make_train_step(config, model, disc, lpips, tx, disc_tx, schedule, use_gan=use_gan,
                            frozen_encoder=frozen, code_neighbours=neighbours)  # fmt: skip
+      ids_sh = {"ids": partitioning.batch_sharding(mesh, 3)} if with_ids else {}
       return jax.jit(
         fn,
-        in_shardings=(shardings, batch_sh, rep),
+        in_shardings=(shardings, {**batch_sh, **ids_sh}, rep),
         out_shardings=(shardings, rep),
         donate_argnums=(0,),
       )
@@ -383,12 +386,13 @@ def train_and_evaluate(
           local, first = first, None
         else:
           local = next(data)
-        _check_batch(local, config)
-        batch = common.global_batch({"image": local["image"]}, mesh)
+        _check_batch(local, config, model.downsample_factor, frozen)
+        batch = common.global_batch({k: local[k] for k in ("image", "ids") if k in local}, mesh)
         use_gan = config.loss.adversarial_weight > 0 and step - 1 >= config.loss.disc_start
-        if use_gan not in steps:
-          steps[use_gan] = compile_step(use_gan)
-        state, metrics = steps[use_gan](state, batch, lpips_params)
+        kind = (use_gan, "ids" in batch)
+        if kind not in steps:
+          steps[kind] = compile_step(*kind)
+        state, metrics = steps[kind](state, batch, lpips_params)
         finite = finite & jnp.isfinite(metrics["train/loss"])
         progress.update(1)
         out_of_time = time_limit.reached()
@@ -433,13 +437,25 @@ def _data_states(data: Any) -> Any:
   return common.gather_process_states(data.get_state()) if hasattr(data, "get_state") else None
 
 
-def _check_batch(local: dict[str, np.ndarray], config: ml_collections.ConfigDict) -> None:
+def _check_batch(
+  local: dict[str, np.ndarray], config: ml_collections.ConfigDict, f: int, frozen: bool
+) -> None:
   img = np.asarray(local["image"]) if not hasattr(local["image"], "dtype") else local["image"]
   s = config.data.resolution
   if img.dtype != np.uint8 or img.ndim != 4 or tuple(img.shape[1:]) != (s, s, 3):
     raise ValueError(
       f"data gave images of shape {tuple(img.shape)} and dtype {img.dtype}; expected uint8 [b, {s}, {s}, 3]"
       " (data.resolution, data.output='uint8')"
+    )
+  if "ids" not in local:
+    return
+  ids = local["ids"]
+  want = (img.shape[0], s // f, s // f)
+  if not frozen or tuple(ids.shape) != want or not np.issubdtype(ids.dtype, np.integer):
+    raise ValueError(
+      f"data gave ids of shape {tuple(ids.shape)} and dtype {ids.dtype}"
+      f"{'' if frozen else ' without finetune.checkpoint'}; expected int {list(want)} "
+      "(one code per token of each image) with decoder finetuning"
     )
 
 

@@ -18,7 +18,9 @@ transform is ``set_to_zero``; codebook upkeep is off. With ``code_neighbours`` g
 (``finetune.code_noise`` > 0), each token the decoder sees is, with that probability,
 swapped for one of its codebook neighbours while the target stays the clean image: a
 transformer's sampled tokens are never exactly an encoder's, and a decoder trained this
-way renders what a slightly wrong token grid was meant to show.
+way renders what a slightly wrong token grid was meant to show. A batch may also bring its
+own ``ids`` for the decoder, such as the image's tokens re-predicted by the transformer
+itself, whose errors are the ones the decoder will meet.
 
 Two variants of the step are compiled, without and with the GAN terms; the loop picks
 one by the step number, so the pre-GAN phase pays nothing for the discriminator.
@@ -95,8 +97,10 @@ def make_train_step(
 ) -> Callable[..., tuple[TrainState, dict[str, jax.Array]]]:
   """``step(state, batch, lpips_params) -> (state, metrics)``; ``batch["image"]`` uint8 [B,H,W,3].
 
-  ``code_neighbours`` (int32 [K, k], ``quantizer.nearest_codes`` of the frozen codebook)
-  turns on code noise at rate ``config.finetune.code_noise``; decoder finetuning only.
+  Decoder finetuning only: ``batch["ids"]`` (int [B, h, w], optional) are the codes the
+  decoder sees instead of the encoder's, e.g. a transformer's predictions of the image's
+  tokens; ``code_neighbours`` (int32 [K, k], ``quantizer.nearest_codes`` of the frozen
+  codebook) turns on code noise at rate ``config.finetune.code_noise``.
   """
   L, cb_cfg, t = config.loss, config.codebook, config.train
   lo, hi = model.input_range
@@ -105,20 +109,24 @@ def make_train_step(
   if code_neighbours is not None and not frozen_encoder:
     raise ValueError("code noise needs a frozen codebook (decoder finetuning)")
 
-  def forward(params, x, rng):
+  def forward(params, x, rng, given_ids):
     v = {"params": params}
     if not frozen_encoder:
+      if given_ids is not None:
+        raise ValueError("batches with 'ids' need decoder finetuning (finetune.checkpoint)")
       return model.apply(v, x)
     z = jax.lax.stop_gradient(model.apply(v, x, method=model.encode_latents))
     z_q, ids, aux = model.apply(v, z, method=model.quantize_latents)
     aux = {**aux, "ids": ids, "z": z}
-    if code_neighbours is None:
+    if given_ids is None and code_neighbours is None:
       return model.apply(v, z_q, method=model.decode_codes), aux
-    noisy = quantizer_lib.perturb_ids(rng, ids, code_neighbours, config.finetune.code_noise)
-    return model.apply(v, noisy, method=model.decode), aux
+    seen = ids if given_ids is None else given_ids
+    if code_neighbours is not None:
+      seen = quantizer_lib.perturb_ids(rng, seen, code_neighbours, config.finetune.code_noise)
+    return model.apply(v, seen, method=model.decode), aux
 
-  def gen_loss(params, disc_params, lpips_params, x, rng):
-    x_hat, aux = forward(params, x, rng)
+  def gen_loss(params, disc_params, lpips_params, x, rng, given_ids):
+    x_hat, aux = forward(params, x, rng, given_ids)
     rec = losses.reconstruction_loss(x, x_hat, L.reconstruction)
     total = L.reconstruction_weight * rec + L.quantizer_weight * aux["quantizer_loss"]
     m = {
@@ -164,7 +172,7 @@ def make_train_step(
     x = batch["image"].astype(jnp.float32) * ((hi - lo) / 255.0) + lo
     rng = jax.random.fold_in(base_rng, state.step)
     (_, (x_hat, aux, m)), grads = jax.value_and_grad(gen_loss, has_aux=True)(
-      state.params, state.disc_params, lpips_params, x, jax.random.fold_in(rng, 1)
+      state.params, state.disc_params, lpips_params, x, jax.random.fold_in(rng, 1), batch.get("ids")
     )
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)

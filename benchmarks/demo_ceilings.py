@@ -5,7 +5,8 @@ pass, this says which stage falls short. It takes fresh single-object images of 
 training split (indices far past the pre-encoded ones) and reports, by object size:
 
 1. the tokenizer's ceiling: each image encoded and decoded, the judge on the
-   reconstruction. No generated image passes more often than this;
+   reconstruction, with the tokenizer's own decoder and, when the run trained one, the
+   decoder stage's (which is trained for the base's tokens, not an encoder's);
 2. the base transformer given the layout: the object's box (grown by 1/16 of the
    canvas) is masked and inpainted with the image's own caption, everything else known
    (the pipeline's ``inpaint``, with the run's sampler settings). This separates drawing
@@ -98,6 +99,7 @@ def main() -> None:
   from muse_jax import losses, runs
   from muse_jax.data import shapes
   from muse_jax.demo import build, evaluate
+  from muse_jax.vq_tokenizer import load_tokenizer
 
   workdir = pathlib.Path(args.workdir)
   config = demo_config(workdir)
@@ -110,20 +112,30 @@ def main() -> None:
     i += 1
   pictures = np.stack([source[i]["image"] for i in indices])  # uint8 [n, S, S, 3]
   pipeline = runs.load_pipeline(workdir)
+  print(f"demo run {workdir}: {args.n} fresh single-object images of the training split")
 
+  # The tokenizer's own decoder, and the one the pipeline draws with when the run trained
+  # a second (the decoder stage): same encoder and codes.
+  decoders = {"tokenizer": pipeline.tokenizer}
+  if (workdir / build.TOKENIZER / "checkpoints").is_dir() and (workdir / build.DECODER).is_dir():
+    decoders = {
+      "tokenizer": load_tokenizer(workdir / build.TOKENIZER),
+      "decoder stage": pipeline.tokenizer,
+    }
   ids = np.asarray(pipeline.tokenizer.encode(pictures))
-  rebuilt = np.asarray(pipeline.tokenizer.decode(ids))
-  psnr = float(np.mean(losses.psnr(pictures, rebuilt, data_range=255.0)))  # mean over images
   codes, counts = np.unique(ids, return_counts=True)
   p = counts / counts.sum()
-  tokenizer = Tally()
-  for scene, image in zip(scenes, rebuilt):
-    tokenizer.add(shapes.judge(image, scene.caption), scene.caption, scene.objects[0].side)
-
-  print(f"demo run {workdir}: {args.n} fresh single-object images of the training split")
-  print(f"tokenizer: PSNR {psnr:.2f} dB, {ids.shape[1:]} tokens, "
-        f"{len(codes)} codes used, {-(p * np.log(p)).sum():.2f} nats per token")  # fmt: skip
-  print(tokenizer.line("tokenizer reconstructions"))
+  print(
+    f"tokens: {ids.shape[1:]}, {len(codes)} codes used, {-(p * np.log(p)).sum():.2f} nats per token"
+  )
+  for name, tokenizer in decoders.items():
+    rebuilt = np.asarray(tokenizer.decode(ids))
+    psnr = float(np.mean(losses.psnr(pictures, rebuilt, data_range=255.0)))  # mean over images
+    tally = Tally()
+    for scene, image in zip(scenes, rebuilt):
+      tally.add(shapes.judge(image, scene.caption), scene.caption, scene.objects[0].side)
+    print(f"{name}: PSNR {psnr:.2f} dB")
+    print(tally.line(f"{name} reconstructions"))
   if args.skip_inpainting:
     return
   inpainted = Tally()

@@ -45,16 +45,21 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     lr=2e-3,
     time_limit_s=150.0,
   )
-  # Its decoder trained again with the encoder and codes frozen (paper §2.5), on codes of
-  # which `code_noise` are swapped for one of their `neighbours` nearest: the base's sampled
-  # tokens are near, not equal, to a real image's, and this decoder draws them more cleanly.
+  # After the base: the tokenizer's decoder trained again, encoder and codes frozen (paper
+  # §2.5), on `pool` training images x `rounds` token grids of which a share (uniform in
+  # [min_rate, max_rate]) is masked and re-predicted by the base at `temperature`
+  # (demo/refill.py). It draws the base's sampled grids more cleanly than the tokenizer's
+  # own decoder.
   c.decoder = dict(
-    code_noise=0.4,
-    neighbours=8,
+    pool=1024,
+    rounds=2,
+    min_rate=0.1,
+    max_rate=0.8,
+    temperature=1.0,
     steps=1000,  # ~400 fit in the time limit
     batch_size=16,
     lr=5e-4,
-    time_limit_s=55.0,
+    time_limit_s=50.0,
   )
   c.preencode = dict(num_examples=4096, batch_size=256)
 
@@ -101,7 +106,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   if arg == "tiny":  # about a minute: for the end-to-end test, not for good images
     c.tokenizer.update(channels=(16, 32), latent_channels=8, embed_dim=4, codebook_size=64, steps=30,
                        batch_size=8, time_limit_s=60.0)  # fmt: skip
-    c.decoder.update(steps=5, batch_size=8, time_limit_s=30.0)
+    c.decoder.update(pool=32, rounds=2, steps=5, batch_size=8, time_limit_s=30.0)
     c.preencode.update(num_examples=256, batch_size=64)
     c.base.update(
       width=32, num_layers=1, num_heads=2, mlp_dim=64, steps=30, batch_size=16, time_limit_s=60.0

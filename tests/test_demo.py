@@ -2,11 +2,14 @@
 
 import json
 
+import numpy as np
 from PIL import Image
 import pytest
 
 from configs import demo as demo_config
 from muse_jax import demo
+from muse_jax.demo import build, refill
+from muse_jax.vq_tokenizer import load_tokenizer
 
 
 @pytest.mark.slow
@@ -33,7 +36,7 @@ def test_tiny_demo_trains_generates_judges_and_reuses(tmp_path):
   assert Image.open(tmp_path / "samples.png").size[0] > 8 * 64
   for stage in ("text_encoder", "tokenizer", "decoder", "data", "base"):
     assert (tmp_path / f"{stage}.done").is_file()
-  # Pixels come from the decoder finetuned on noisy codes, not the tokenizer's own.
+  # Pixels come from the decoder finetuned on the base's guesses, not the tokenizer's own.
   assert json.loads((tmp_path / "pipeline.json").read_text())["tokenizer"] == "decoder"
   text = demo.summary(report, tmp_path)
   assert "single" in text and "held-out" in text and "by shape: circle" in text
@@ -42,3 +45,28 @@ def test_tiny_demo_trains_generates_judges_and_reuses(tmp_path):
   again = demo.run(config, tmp_path)
   assert set(again["timings_s"]) == {"generate + judge"}
   assert [e["correct"] for e in again["images"]] == [e["correct"] for e in report["images"]]
+
+  _check_refilled_batches(config, tmp_path)
+
+
+def _check_refilled_batches(config, workdir):
+  """The decoder's training grids: real tokens, with exactly the masked share re-predicted."""
+  source = build.shapes_source(config)
+
+  def batches(min_rate, max_rate):
+    options = config.decoder.copy_and_resolve_references()
+    options.update(pool=8, rounds=1, min_rate=min_rate, max_rate=max_rate)
+    return refill.RefilledBatches(source, workdir / build.TOKENIZER, workdir / build.TEXT,
+                                  config.text.max_length, workdir / build.BASE, options, 4, 0)  # fmt: skip
+
+  pictures = np.stack([source[i]["image"] for i in range(8)])
+  real = np.asarray(load_tokenizer(workdir / build.TOKENIZER).encode(pictures))
+  kept = batches(0.0, 0.0)
+  np.testing.assert_array_equal(kept.fills[:, 0], real)
+  np.testing.assert_array_equal(kept.images, pictures)
+  batch = next(batches(1.0, 1.0))
+  assert batch["image"].shape == (4, 64, 64, 3) and batch["ids"].shape == (4, 8, 8)
+  assert batch["ids"].dtype == np.int32
+  assert 0 <= batch["ids"].min() and batch["ids"].max() < config.tokenizer.codebook_size
+  with pytest.raises(ValueError, match=r"refill rates \[0.9, 0.1\]"):
+    batches(0.9, 0.1)

@@ -1,8 +1,8 @@
 """The demo: Muse trained and judged end to end on the synthetic shapes set, on any machine.
 
-`run(config, workdir)` builds a frozen text encoder, trains a VQ tokenizer (then its
-decoder again, on noisy codes) and a base transformer with the library's own trainers
-(holding out some (colour, shape) pairs), writes a run folder that
+`run(config, workdir)` builds a frozen text encoder, trains a VQ tokenizer and a base
+transformer with the library's own trainers (then the tokenizer's decoder again, on the
+base's guesses at real images' tokens), holding out some (colour, shape) pairs, writes a run folder that
 `muse-jax sample --checkpoint WORKDIR` uses, generates images for prompts of every
 caption form plus an inpainting example, and judges each image from its pixels. Outputs: WORKDIR/samples.png, WORKDIR/report.json, WORKDIR/samples/.
 
@@ -26,9 +26,9 @@ from muse_jax.demo import build, evaluate
 STAGES: tuple[tuple[str, Callable[[ml_collections.ConfigDict, pathlib.Path], None]], ...] = (
   (build.TEXT, lambda c, w: build.make_text_encoder(c, w / build.TEXT)),
   (build.TOKENIZER, lambda c, w: build.train_tokenizer(c, w / build.TOKENIZER)),
-  (build.DECODER, build.finetune_decoder),
   (build.DATA, build.encode_training_set),
   (build.BASE, build.train_base),
+  (build.DECODER, build.finetune_decoder),
 )
 
 

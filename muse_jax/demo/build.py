@@ -3,15 +3,17 @@
 1. a frozen text encoder (random T5-style weights, a word vocabulary of the captions);
 2. the VQ tokenizer, trained by `trainers.vqgan` on shapes images (held-out pairs
    excluded);
-3. its decoder, finetuned on noisy codes (encoder and codebook frozen);
-4. pre-encoding of shapes examples to token ids + text embeddings (`data.preencode`);
-5. the base transformer, trained by `trainers.transformer` on those shards;
+3. pre-encoding of shapes examples to token ids + text embeddings (`data.preencode`);
+4. the base transformer, trained by `trainers.transformer` on those shards;
+5. the tokenizer's decoder, trained again on the base's guesses at real images' tokens
+   (`refill`; encoder and codebook frozen);
 6. the run's `pipeline.json`, so `muse-jax sample --checkpoint WORKDIR` works too: the
    finetuned decoder's tokenizer (the same encoder and codes) turns tokens into pixels.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import pathlib
 
 import jax
@@ -20,6 +22,7 @@ import ml_collections
 from muse_jax import partitioning, runs
 from muse_jax.convert import random_init
 from muse_jax.data import preencode, shapes
+from muse_jax.demo import refill
 from muse_jax.trainers import transformer as transformer_trainer
 from muse_jax.trainers import vqgan as vq_trainer
 from muse_jax.trainers import vqgan_config
@@ -102,24 +105,26 @@ def train_tokenizer(config: ml_collections.ConfigDict, workdir: pathlib.Path) ->
 
 
 def finetune_decoder(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> None:
-  """The tokenizer's decoder trained again on noisy codes (paper §2.5's finetuning, encoder frozen).
+  """The tokenizer's decoder trained again on the base's guesses at real images' tokens.
 
-  The base transformer's tokens are never exactly an encoder's: a sampled grid holds codes
-  that are near, not equal, to the ones a real image of its prompt would have, and a
-  decoder trained on clean codes draws those faithfully, as ragged shapes. Trained with a
-  share of each grid swapped for near codes, it draws them closer to clean shapes.
+  Paper §2.5's decoder finetuning (encoder and codebook frozen), on grids where a share
+  of each training image's tokens is re-predicted by the trained base (`refill`): the
+  decoder learns to draw the real image from the base's kind of errors.
   """
   d = config.decoder
   c = _vq_config(config)
-  c.finetune.update(checkpoint=str(workdir / TOKENIZER), copy_decoder=True, code_noise=d.code_noise,
-                    noise_neighbours=d.neighbours)  # fmt: skip
-  c.data.shapes.seed = config.seed + 1  # other images than the tokenizer's
+  c.finetune.update(checkpoint=str(workdir / TOKENIZER), copy_decoder=True)
   # A few hundred steps: a constant rate and no EMA. With the tokenizer's cosine decay and
-  # EMA 0.99, 60 s of this stage left the base's images no better (41 and 45/120 right).
+  # EMA 0.99, 60 s of finetuning (on noisy codes) left the base's images no better.
   c.train.update(steps=d.steps, batch_size=d.batch_size, log_every=50, image_every=0, eval_every=0,
                  ckpt_every=d.steps, keep=1, ema_decay=0.0, time_limit_s=d.time_limit_s)  # fmt: skip
   c.optim.update(lr=d.lr, warmup_steps=20, schedule="constant", b2=0.999, weight_decay=0.0)
-  vq_trainer.train_and_evaluate(c, workdir / DECODER)
+  source = dataclasses.replace(shapes_source(config), seed=config.seed + 1)  # unseen images
+  data = refill.RefilledBatches(
+    source, workdir / TOKENIZER, workdir / TEXT, config.text.max_length, workdir / BASE, d,
+    d.batch_size, config.seed,
+  )  # fmt: skip
+  vq_trainer.train_and_evaluate(c, workdir / DECODER, data=data)
 
 
 def encode_training_set(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> None:

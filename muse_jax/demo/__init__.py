@@ -2,9 +2,10 @@
 
 `run(config, workdir)` builds a frozen text encoder, trains a VQ tokenizer and a base
 transformer with the library's own trainers (then the tokenizer's decoder again, on the
-base's guesses at real images' tokens), holding out some (colour, shape) pairs, writes a run folder that
-`muse-jax sample --checkpoint WORKDIR` uses, generates images for prompts of every
-caption form plus an inpainting example, and judges each image from its pixels. Outputs: WORKDIR/samples.png, WORKDIR/report.json, WORKDIR/samples/.
+base's guesses at real images' tokens), holding out some (colour, shape) pairs. It
+writes a run folder that `muse-jax sample --checkpoint WORKDIR` uses, generates images
+for prompts of every caption form plus an inpainting example, and judges each image from
+its pixels. Outputs: WORKDIR/samples.png, WORKDIR/report.json, WORKDIR/samples/.
 
 Each stage leaves a `<stage>.done` marker when it finishes; a second run reuses the
 finished stages and only generates.

@@ -121,8 +121,8 @@ def test_decoder_finetune_freezes_encoder_and_codebook(trained, tmp_path, code_n
   assert state.params["decoder"]["conv_in"]["kernel"].shape[-1] == 32
 
 
-def _finetune_step_rec_loss(config, model, params, batch, code_neighbours=None):
-  """The reconstruction loss of one decoder-finetuning step from ``params``."""
+def _finetune_step_metrics(config, model, params, batch, code_neighbours=None):
+  """The metrics of one decoder-finetuning step from ``params``."""
   from muse_jax.trainers import vqgan_step
 
   step = vqgan_step.make_train_step(
@@ -131,7 +131,14 @@ def _finetune_step_rec_loss(config, model, params, batch, code_neighbours=None):
   )  # fmt: skip
   state = vqgan_step.TrainState(jnp.int32(0), params, params, optax.identity().init(params),
                                 None, None, None, jnp.zeros(model.codebook_size))  # fmt: skip
-  return float(step(state, batch, None)[1]["train/rec_loss"])
+  return step(state, batch, None)[1]
+
+
+def _finetune_step_rec_loss(config, model, params, batch, code_neighbours=None):
+  """The reconstruction loss of one decoder-finetuning step from ``params``."""
+  return float(
+    _finetune_step_metrics(config, model, params, batch, code_neighbours)["train/rec_loss"]
+  )
 
 
 def _decoded_l1(model, params, ids, x):
@@ -172,11 +179,21 @@ def test_batch_ids_replace_the_encoders_when_finetuning(trained, tmp_path):
   images = jnp.asarray(np.random.default_rng(1).integers(0, 256, (8, 32, 32, 3)), jnp.uint8)
   x = images.astype(jnp.float32) / 127.5 - 1.0
   given = jax.random.randint(jax.random.key(2), (8, 8, 8), 0, model.codebook_size)
+  metrics = _finetune_step_metrics(c, model, params, {"image": images, "ids": given})
   np.testing.assert_allclose(
-    _finetune_step_rec_loss(c, model, params, {"image": images, "ids": given}),
-    _decoded_l1(model, params, given, x),
-    rtol=1e-5,
+    float(metrics["train/rec_loss"]), _decoded_l1(model, params, given, x), rtol=1e-5
   )
+  # The encoder is not run: the code metrics are the given ids', not the encoder's.
+  from muse_jax.models import quantizer
+
+  expected = quantizer.code_stats(given, model.codebook_size)
+  encoded = quantizer.code_stats(
+    model.apply({"params": params}, x, method=model.encode), model.codebook_size
+  )
+  assert float(expected["perplexity"]) != pytest.approx(float(encoded["perplexity"]))
+  np.testing.assert_allclose(metrics["codebook/perplexity"], expected["perplexity"], rtol=1e-6)
+  np.testing.assert_allclose(metrics["codebook/batch_usage"], expected["codebook_usage"])
+  assert float(metrics["train/quantizer_loss"]) == 0.0
 
   # Through the trainer: the right shape trains; a wrong one, or ids without finetuning,
   # is an error naming the shape found and the one expected.

@@ -99,8 +99,9 @@ def make_train_step(
 
   Decoder finetuning only: ``batch["ids"]`` (int [B, h, w], optional) are the codes the
   decoder sees instead of the encoder's, e.g. a transformer's predictions of the image's
-  tokens; ``code_neighbours`` (int32 [K, k], ``quantizer.nearest_codes`` of the frozen
-  codebook) turns on code noise at rate ``config.finetune.code_noise``.
+  tokens (the encoder is then not run, and the code metrics are of these ids);
+  ``code_neighbours`` (int32 [K, k], ``quantizer.nearest_codes`` of the frozen codebook)
+  turns on code noise at rate ``config.finetune.code_noise``.
   """
   L, cb_cfg, t = config.loss, config.codebook, config.train
   lo, hi = model.input_range
@@ -115,12 +116,21 @@ def make_train_step(
       if given_ids is not None:
         raise ValueError("batches with 'ids' need decoder finetuning (finetune.checkpoint)")
       return model.apply(v, x)
-    z = jax.lax.stop_gradient(model.apply(v, x, method=model.encode_latents))
-    z_q, ids, aux = model.apply(v, z, method=model.quantize_latents)
-    aux = {**aux, "ids": ids, "z": z}
-    if given_ids is None and code_neighbours is None:
-      return model.apply(v, z_q, method=model.decode_codes), aux
-    seen = ids if given_ids is None else given_ids
+    if given_ids is None:
+      z = jax.lax.stop_gradient(model.apply(v, x, method=model.encode_latents))
+      z_q, ids, aux = model.apply(v, z, method=model.quantize_latents)
+      aux = {**aux, "ids": ids, "z": z}
+      if code_neighbours is None:
+        return model.apply(v, z_q, method=model.decode_codes), aux
+      seen = ids
+    else:
+      # The frozen encoder would only feed metrics here, so it is not run (a quarter of
+      # the demo decoder's step). The code statistics describe the codes the decoder
+      # sees; the quantizer losses, with nothing trainable in them, are zero.
+      zero = jnp.zeros([], jnp.float32)
+      aux = {"ids": given_ids, "quantizer_loss": zero, "commitment_loss": zero,
+             **quantizer_lib.code_stats(given_ids, model.codebook_size)}  # fmt: skip
+      seen = given_ids
     if code_neighbours is not None:
       seen = quantizer_lib.perturb_ids(rng, seen, code_neighbours, config.finetune.code_noise)
     return model.apply(v, seen, method=model.decode), aux

@@ -58,7 +58,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     temperature=1.0,
     # Steps count more than batch size here. On one base, single-object images right of
     # 120 (seeds 0, 1): 53, 49 with batch 16 (475 steps in 50 s), 58, 53 with batch 8 (801
-    # steps); batch 16 for 100 s (949 steps) gave 64, 57 and for 150 s 65, 63.
+    # steps); batch 16 for 100 s (949 steps) gave 64, 57 and for 150 s 65, 63. At batch 8
+    # the stage is then saturated: on another base, 62, 63 for 100 s (1527 steps) against
+    # 61, 62 for 50 s (871), and learning rates of 1e-3 and 2e-3 did no better.
     steps=1500,  # ~800 fit in the time limit
     batch_size=8,
     lr=5e-4,

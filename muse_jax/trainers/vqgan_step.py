@@ -124,9 +124,9 @@ def make_train_step(
         return model.apply(v, z_q, method=model.decode_codes), aux
       seen = ids
     else:
-      # The frozen encoder would only feed metrics here, so it is not run (a quarter of
-      # the demo decoder's step). The code statistics describe the codes the decoder
-      # sees; the quantizer losses, with nothing trainable in them, are zero.
+      # The frozen encoder would only feed metrics here, so it is not run (15% of the
+      # demo decoder's step). The code statistics describe the codes the decoder sees;
+      # the quantizer losses, with nothing trainable in them, are zero.
       zero = jnp.zeros([], jnp.float32)
       aux = {"ids": given_ids, "quantizer_loss": zero, "commitment_loss": zero,
              **quantizer_lib.code_stats(given_ids, model.codebook_size)}  # fmt: skip

@@ -117,7 +117,7 @@ def main() -> None:
   # The tokenizer's own decoder, and the one the pipeline draws with when the run trained
   # a second (the decoder stage): same encoder and codes.
   decoders = {"tokenizer": pipeline.tokenizer}
-  if (workdir / build.TOKENIZER / "checkpoints").is_dir() and (workdir / build.DECODER).is_dir():
+  if runs.read_layout(workdir)["tokenizer"] != workdir / build.TOKENIZER:
     decoders = {
       "tokenizer": load_tokenizer(workdir / build.TOKENIZER),
       "decoder stage": pipeline.tokenizer,

@@ -135,3 +135,59 @@ def test_bad_settings_are_reported():
     _stack(scan=False, remat="some").init(
       jax.random.key(0), jnp.zeros((1, 16, 8)), jnp.zeros((1, 3, 8))
     )
+
+
+def test_relative_offsets_index_the_offset_table():
+  h, w = 3, 4
+  index = layers.relative_offsets((h, w))
+  assert index.shape == (h * w, h * w)
+  for i in range(h * w):
+    for j in range(h * w):
+      dy, dx = i // w - j // w, i % w - j % w
+      assert index[i, j] == (dy + h - 1) * (2 * w - 1) + (dx + w - 1)
+  assert index.min() == 0 and index.max() == (2 * h - 1) * (2 * w - 1) - 1
+
+
+def _relative_attention(h, w):
+  return layers.Attention(num_heads=2, head_dim=4, grid=(h, w), relative_position=True)
+
+
+def test_relative_bias_starts_at_zero_and_is_plain_attention_then():
+  rng = np.random.default_rng(3)
+  x = jnp.asarray(rng.normal(size=(2, 12, 8)), jnp.float32)
+  params = nn.meta.unbox(_relative_attention(3, 4).init(jax.random.key(0), x)["params"])
+  table = params.pop("relative_bias")
+  assert table.shape == (5 * 7, 2) and not np.any(table)
+  plain = layers.Attention(num_heads=2, head_dim=4).apply({"params": params}, x)
+  np.testing.assert_array_equal(
+    _relative_attention(3, 4).apply({"params": {**params, "relative_bias": table}}, x), plain
+  )
+
+
+def test_relative_bias_points_every_token_at_the_same_neighbour():
+  """With zero keys the logits are the bias alone; one large entry at offset (dy, dx) =
+  (1, 0) makes every query below the first row copy the token right above it."""
+  h, w = 3, 4
+  rng = np.random.default_rng(4)
+  x = jnp.asarray(rng.normal(size=(2, h * w, 8)), jnp.float32)
+  attn = _relative_attention(h, w)
+  params = nn.meta.unbox(attn.init(jax.random.key(0), x)["params"])
+  params["key"]["kernel"] = jnp.zeros_like(params["key"]["kernel"])
+  above = (1 + h - 1) * (2 * w - 1) + (0 + w - 1)
+  params["relative_bias"] = params["relative_bias"].at[above].set(50.0)
+  got = attn.apply({"params": params}, x)  # [B, L, D]
+  value = jnp.einsum("BLD,DNH->BLNH", x, params["value"]["kernel"]) + params["value"]["bias"]
+  out = params["out"]
+  want = jnp.einsum("BLNH,NHD->BLD", value[:, :-w], out["kernel"]) + out["bias"]  # row above
+  np.testing.assert_allclose(got[:, w:], want, rtol=1e-4, atol=1e-4)
+  assert not np.allclose(got[:, :w], want[:, :w], atol=1e-2)  # the first row has none above
+
+
+def test_relative_bias_needs_full_self_attention_over_a_grid():
+  x = jnp.zeros((1, 16, 8))
+  with pytest.raises(ValueError, match="relative position bias needs full self-attention"):
+    layers.Attention(num_heads=2, head_dim=4, relative_position=True).init(jax.random.key(0), x)
+  with pytest.raises(ValueError, match="kind='multi_axis'"):
+    layers.Attention(
+      num_heads=2, head_dim=4, kind="multi_axis", grid=(4, 4), window=2, relative_position=True
+    ).init(jax.random.key(0), x)

@@ -7,6 +7,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 from test_train_transformer import load_config
@@ -137,6 +138,37 @@ def test_ids_shape_is_checked():
     model.init(
       jax.random.key(0), jnp.zeros((1, 15), jnp.int32), jnp.zeros((1, 2, 4)), jnp.ones((1, 2), bool)
     )
+
+
+def test_relative_position_bias_goes_to_full_self_attention_only():
+  """Base: one table per layer, none in the cross-attention. Super-res with multi-axis
+  attention: a table in each low-res encoder layer only. Configs saved before the
+  option existed build models without it."""
+  full = load_config("muse_superres_512", None)
+  full.text.update(length=4, dim=8)
+  config = full.model
+  config.update(grid=(4, 4), low_grid=(2, 2), width=8, num_heads=2, mlp_dim=8, num_layers=2,
+                num_low_layers=3, window=2)  # fmt: skip
+  cases = (
+    ("base", "full", {"blocks": 2}),
+    ("superres", "multi_axis", {"low_encoder": 3, "blocks": 0}),
+  )
+  for kind, attention, stacks in cases:
+    config.update(kind=kind, attention=attention, relative_position=True)
+    params = trainer.abstract_params(full)
+    for stack, layers in stacks.items():
+      block = params[stack]["layers"]
+      assert "relative_bias" not in block.get("cross_attention", {})
+      if not layers:
+        assert "relative_bias" not in block["self_attention"]
+        continue
+      table = block["self_attention"]["relative_bias"]
+      side = config.grid[0] if stack == "blocks" else config.low_grid[0]
+      assert table.value.shape == (layers, (2 * side - 1) ** 2, 2)
+      assert table.names[-1] == "heads"
+  old = ml_collections.ConfigDict(json.loads(config.to_json()))
+  del old["relative_position"]
+  assert trainer.make_model(old).relative_position is False
 
 
 @pytest.mark.parametrize(

@@ -16,6 +16,12 @@ created, and activations are constrained at block boundaries, so the mesh rules
 alone decide data / FSDP / tensor parallelism. Parameters are stored in
 ``param_dtype`` (float32) and computed in ``dtype`` (bfloat16 on TPU); softmax and
 normalisation statistics stay in float32.
+
+Full self-attention over a grid may add a learned 2D relative position bias (Swin, Liu
+et al. 2021; CoAtNet, Dai et al. 2021): one scalar per head and per offset (dy, dx)
+between query and key, shared by all positions. Muse uses absolute positions only; the
+bias gives the attention translation equivariance, so that a relation between
+neighbouring tokens learnt in one place holds in every place.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from muse_jax.partitioning import (
   BATCH,
@@ -118,7 +125,11 @@ def layer_norm(
 
 
 def dot_product_attention(
-  q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None
+  q: jax.Array,
+  k: jax.Array,
+  v: jax.Array,
+  mask: jax.Array | None,
+  bias: jax.Array | None = None,
 ) -> jax.Array:
   """Softmax attention with float32 logits.
 
@@ -126,16 +137,29 @@ def dot_product_attention(
     q: [B, L, N, H] queries.
     k, v: [B, S, N, H] keys and values.
     mask: bool [B, S] (True = attend) or None.
+    bias: [N, L, S] added to the logits (a relative position bias), or None.
 
   Returns:
     [B, L, N, H] in q's dtype.
   """
   logits = jnp.einsum("BLNH,BSNH->BNLS", q, k, preferred_element_type=jnp.float32)
   logits = logits / jnp.sqrt(jnp.float32(q.shape[-1]))
+  if bias is not None:
+    logits = logits + bias.astype(jnp.float32)[None]
   if mask is not None:
     logits = jnp.where(mask[:, None, None, :], logits, jnp.finfo(jnp.float32).min)
   probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
   return jnp.einsum("BNLS,BSNH->BLNH", probs, v)
+
+
+def relative_offsets(grid: tuple[int, int]) -> np.ndarray:
+  """int32 [L, L]: for query i and key j of an h x w grid (row-major, L = h * w), the
+  row of their offset (dy, dx) in a (2h - 1) x (2w - 1) table of offsets."""
+  h, w = grid
+  y, x = np.divmod(np.arange(h * w), w)  # [L] each
+  dy = y[:, None] - y[None, :] + h - 1  # [L, L] in [0, 2h - 2]
+  dx = x[:, None] - x[None, :] + w - 1
+  return (dy * (2 * w - 1) + dx).astype(np.int32)
 
 
 def _to_windows(x: jax.Array, grid: tuple[int, int], window: int, kind: str) -> jax.Array:
@@ -200,6 +224,7 @@ class Attention(nn.Module):
   kind: str = "full"  # "full" or "multi_axis" (self-attention over a token grid only).
   grid: tuple[int, int] | None = None  # (h, w) of the queries, for multi-axis attention.
   window: int = 8  # Block / grid side P of multi-axis attention.
+  relative_position: bool = False  # Learned 2D relative position bias (full self-attention).
   use_bias: bool = True  # Biases on the projections.
   dtype: Dtype = jnp.float32  # Computation dtype.
   param_dtype: Dtype = jnp.float32  # Parameter dtype.
@@ -207,6 +232,11 @@ class Attention(nn.Module):
   def setup(self):
     if self.kind not in ATTENTION_KINDS:
       raise ValueError(f"unknown attention kind {self.kind!r}; expected one of {ATTENTION_KINDS}")
+    if self.relative_position and (self.kind != "full" or self.grid is None):
+      raise ValueError(
+        "a relative position bias needs full self-attention over a grid; got "
+        f"kind={self.kind!r}, grid={self.grid}"
+      )
     if self.kind == "multi_axis":
       if self.grid is None or self.num_heads % 2:
         raise ValueError(
@@ -237,9 +267,24 @@ class Attention(nn.Module):
     if self.kind == "multi_axis" and memory is None:
       out = multi_axis_attention(q, k, v, self.grid, self.window)
     else:
-      out = dot_product_attention(q, k, v, memory_mask)
+      bias = self._relative_bias() if self.relative_position and memory is None else None
+      out = dot_product_attention(q, k, v, memory_mask, bias)
     out = constrain(out, (BATCH, LENGTH, HEADS, HEAD_DIM))
     return dense(width, (HEADS, HEAD_DIM, EMBED), contract=2, name="out", **proj)(out)
+
+  def _relative_bias(self) -> jax.Array:
+    """[N, L, L]: the bias of each head for every (query, key) pair, from a table of
+    one row per 2D offset. Zero at initialisation, so training starts from plain
+    attention."""
+    h, w = self.grid
+    table = self.param(
+      "relative_bias",
+      nn.with_logical_partitioning(nn.initializers.zeros, (None, HEADS)),
+      ((2 * h - 1) * (2 * w - 1), self.num_heads),
+      self.param_dtype,
+    )  # [(2h-1)(2w-1), N]
+    bias = jnp.take(table, relative_offsets(self.grid), axis=0)  # [L, L, N]
+    return jnp.einsum("LSN->NLS", bias)
 
 
 class Mlp(nn.Module):
@@ -271,8 +316,9 @@ class TransformerBlock(nn.Module):
   mlp_dim: int = 2048  # F.
   cross_attention: bool = True  # Whether to attend to the memory.
   attention: str = "full"  # Self-attention kind: "full" or "multi_axis".
-  grid: tuple[int, int] | None = None  # (h, w) of the tokens, for multi-axis attention.
+  grid: tuple[int, int] | None = None  # (h, w) of the tokens (multi-axis, relative bias).
   window: int = 8  # Multi-axis block / grid side.
+  relative_position: bool = False  # 2D relative position bias in the self-attention.
   dropout_rate: float = 0.0  # Dropout after each sub-layer.
   deterministic: bool = True  # Disables dropout.
   dtype: Dtype = jnp.float32  # Computation dtype.
@@ -288,7 +334,12 @@ class TransformerBlock(nn.Module):
     x = constrain(x, (BATCH, LENGTH, EMBED))  # [B, L, D]
     h = layer_norm(name="norm_self", **kw)(x)
     h = Attention(
-      kind=self.attention, grid=self.grid, window=self.window, name="self_attention", **attn
+      kind=self.attention,
+      grid=self.grid,
+      window=self.window,
+      relative_position=self.relative_position,
+      name="self_attention",
+      **attn,
     )(h)
     x = x + drop(h)
     if self.cross_attention:
@@ -325,8 +376,9 @@ class BlockStack(nn.Module):
   mlp_dim: int = 2048  # F.
   cross_attention: bool = True  # Blocks attend to the memory.
   attention: str = "full"  # Self-attention kind.
-  grid: tuple[int, int] | None = None  # Token grid, for multi-axis attention.
+  grid: tuple[int, int] | None = None  # Token grid (multi-axis attention, relative bias).
   window: int = 8  # Multi-axis block / grid side.
+  relative_position: bool = False  # 2D relative position bias in the self-attention.
   dropout_rate: float = 0.0  # Dropout rate.
   deterministic: bool = True  # Disables dropout.
   scan: bool = True  # nn.scan over layers.
@@ -355,6 +407,7 @@ class BlockStack(nn.Module):
       attention=self.attention,
       grid=self.grid,
       window=self.window,
+      relative_position=self.relative_position,
       dropout_rate=self.dropout_rate,
       deterministic=self.deterministic,
       dtype=self.dtype,

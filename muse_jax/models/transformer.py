@@ -153,6 +153,9 @@ class MaskedTransformer(nn.Module):
   mlp_dim: int = 5120  # F.
   attention: str = "full"  # Self-attention: "full" or "multi_axis".
   window: int = 8  # Multi-axis block / grid side.
+  # A learned 2D relative position bias in every full self-attention (multi-axis
+  # attention gets none), on top of the absolute positions. Not in the paper; layers.py.
+  relative_position: bool = False
   dropout_rate: float = 0.0  # Dropout (the paper does not use any).
   scan_layers: bool = True  # nn.scan over the blocks (LAYERS axis).
   remat_policy: str = "none"  # Activation rematerialisation, see layers.REMAT_POLICIES.
@@ -179,6 +182,7 @@ class MaskedTransformer(nn.Module):
       attention=attention,
       grid=grid,
       window=self.window,
+      relative_position=self.relative_position and attention == "full",
       dropout_rate=self.dropout_rate,
       deterministic=not train,
       scan=self.scan_layers,

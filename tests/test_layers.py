@@ -191,3 +191,37 @@ def test_relative_bias_needs_full_self_attention_over_a_grid():
     layers.Attention(
       num_heads=2, head_dim=4, kind="multi_axis", grid=(4, 4), window=2, relative_position=True
     ).init(jax.random.key(0), x)
+
+
+def test_depthwise_conv3x3_is_xlas_depthwise_convolution():
+  rng = np.random.default_rng(5)
+  x = jnp.asarray(rng.normal(size=(2, 3, 5, 4)), jnp.float32)
+  kernel = jnp.asarray(rng.normal(size=(3, 3, 4)), jnp.float32)
+  want = jax.lax.conv_general_dilated(
+    x, kernel[:, :, None], (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"),
+    feature_group_count=4,
+  )  # fmt: skip
+  np.testing.assert_allclose(layers.depthwise_conv3x3(x, kernel), want, rtol=1e-5, atol=1e-5)
+
+
+def test_mlp_conv_starts_as_the_plain_mlp_and_reaches_only_neighbours():
+  grid = (4, 5)
+  rng = np.random.default_rng(6)
+  x = jnp.asarray(rng.normal(size=(2, 20, 8)), jnp.float32)
+  conv_mlp = layers.Mlp(hidden_dim=16, conv_grid=grid)
+  params = nn.meta.unbox(conv_mlp.init(jax.random.key(0), x)["params"])
+  assert params["conv"].shape == (3, 3, 16) and not np.any(params["conv"])
+  plain = {k: v for k, v in params.items() if k != "conv"}
+  np.testing.assert_array_equal(
+    conv_mlp.apply({"params": params}, x), layers.Mlp(hidden_dim=16).apply({"params": plain}, x)
+  )
+  params["conv"] = jnp.asarray(rng.normal(size=(3, 3, 16)), jnp.float32)
+  y = conv_mlp.apply({"params": params}, x)
+  token = 2 * 5 + 2  # row 2, column 2
+  y2 = conv_mlp.apply({"params": params}, x.at[:, token].add(1.0))
+  changed = np.asarray(jnp.abs(y2 - y).max(axis=(0, 2)) > 1e-6).reshape(grid)
+  want = np.zeros(grid, bool)
+  want[1:4, 1:4] = True  # the 3x3 neighbourhood of (2, 2)
+  np.testing.assert_array_equal(changed, want)
+  with pytest.raises(ValueError, match=r"conv grid \(4, 5\) holds 20 tokens; got 16"):
+    conv_mlp.init(jax.random.key(0), x[:, :16])

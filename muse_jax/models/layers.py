@@ -21,11 +21,13 @@ Full self-attention over a grid may add a learned 2D relative position bias (Swi
 et al. 2021; CoAtNet, Dai et al. 2021): one scalar per head and per offset (dy, dx)
 between query and key, shared by all positions. Muse uses absolute positions only; the
 bias gives the attention translation equivariance, so that a relation between
-neighbouring tokens learnt in one place holds in every place.
+neighbouring tokens learnt in one place holds in every place. The MLP may likewise
+convolve its hidden activations over the grid (3x3, depthwise).
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import flax.linen as nn
@@ -287,12 +289,32 @@ class Attention(nn.Module):
     return jnp.einsum("LSN->NLS", bias)
 
 
+def depthwise_conv3x3(x: jax.Array, kernel: jax.Array) -> jax.Array:
+  """A 3x3 depthwise convolution with zero padding, as nine shifted products.
+
+  Args:
+    x: [B, h, w, F].
+    kernel: [3, 3, F], tap (i, j) weighting the neighbour at offset (i - 1, j - 1).
+
+  Returns:
+    [B, h, w, F].
+  """
+  # Nine elementwise products fuse into one loop; XLA's CPU depthwise convolution (and
+  # its gradient) doubled the demo's whole training step.
+  h, w = x.shape[1:3]
+  padded = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))  # [B, h+2, w+2, F]
+  return sum(padded[:, i : i + h, j : j + w] * kernel[i, j] for i in range(3) for j in range(3))
+
+
 class Mlp(nn.Module):
-  """Two-layer GELU MLP: D -> F -> D."""
+  """Two-layer GELU MLP: D -> F -> D, optionally with a depthwise 3x3 convolution over
+  the token grid on the hidden activations (a residual one, zero-initialised, before the
+  GELU; PVTv2's convolutional feed-forward, Wang et al. 2022)."""
 
   hidden_dim: int = 2048  # F.
   dropout_rate: float = 0.0  # Dropout on the hidden activations.
   deterministic: bool = True  # Disables dropout.
+  conv_grid: tuple[int, int] | None = None  # (h, w) of the tokens to convolve over, or None.
   dtype: Dtype = jnp.float32  # Computation dtype.
   param_dtype: Dtype = jnp.float32  # Parameter dtype.
 
@@ -300,6 +322,21 @@ class Mlp(nn.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     h = dense(self.hidden_dim, (EMBED, MLP), name="wi", **kw)(x)  # [B, L, F]
+    if self.conv_grid is not None:
+      batch, length, f = h.shape
+      if math.prod(self.conv_grid) != length:
+        raise ValueError(
+          f"the MLP's conv grid {self.conv_grid} holds {math.prod(self.conv_grid)} tokens; "
+          f"got {length}"
+        )
+      kernel = self.param(
+        "conv",
+        nn.with_logical_partitioning(nn.initializers.zeros, (None, None, MLP)),
+        (3, 3, f),
+        self.param_dtype,
+      )  # [3, 3, F]
+      grid = h.reshape(batch, *self.conv_grid, f)  # [B, h, w, F]
+      h = h + depthwise_conv3x3(grid, kernel.astype(h.dtype)).reshape(batch, length, f)
     h = constrain(nn.gelu(h), (BATCH, LENGTH, MLP))
     h = nn.Dropout(self.dropout_rate, deterministic=self.deterministic)(h)
     return dense(x.shape[-1], (MLP, EMBED), name="wo", **kw)(h)
@@ -316,9 +353,10 @@ class TransformerBlock(nn.Module):
   mlp_dim: int = 2048  # F.
   cross_attention: bool = True  # Whether to attend to the memory.
   attention: str = "full"  # Self-attention kind: "full" or "multi_axis".
-  grid: tuple[int, int] | None = None  # (h, w) of the tokens (multi-axis, relative bias).
+  grid: tuple[int, int] | None = None  # (h, w) of the tokens (multi-axis, relative bias, conv).
   window: int = 8  # Multi-axis block / grid side.
   relative_position: bool = False  # 2D relative position bias in the self-attention.
+  mlp_conv: bool = False  # Depthwise 3x3 convolution over the grid inside the MLP.
   dropout_rate: float = 0.0  # Dropout after each sub-layer.
   deterministic: bool = True  # Disables dropout.
   dtype: Dtype = jnp.float32  # Computation dtype.
@@ -349,7 +387,8 @@ class TransformerBlock(nn.Module):
       h = Attention(name="cross_attention", **attn)(h, memory, memory_mask)
       x = x + drop(h)
     h = layer_norm(name="norm_mlp", **kw)(x)
-    h = Mlp(self.mlp_dim, self.dropout_rate, self.deterministic, name="mlp", **kw)(h)
+    conv_grid = self.grid if self.mlp_conv else None
+    h = Mlp(self.mlp_dim, self.dropout_rate, self.deterministic, conv_grid, name="mlp", **kw)(h)
     x = constrain(x + drop(h), (BATCH, LENGTH, EMBED))
     return x, None
 
@@ -376,9 +415,10 @@ class BlockStack(nn.Module):
   mlp_dim: int = 2048  # F.
   cross_attention: bool = True  # Blocks attend to the memory.
   attention: str = "full"  # Self-attention kind.
-  grid: tuple[int, int] | None = None  # Token grid (multi-axis attention, relative bias).
+  grid: tuple[int, int] | None = None  # Token grid (multi-axis, relative bias, conv).
   window: int = 8  # Multi-axis block / grid side.
   relative_position: bool = False  # 2D relative position bias in the self-attention.
+  mlp_conv: bool = False  # Depthwise 3x3 convolution over the grid inside the MLP.
   dropout_rate: float = 0.0  # Dropout rate.
   deterministic: bool = True  # Disables dropout.
   scan: bool = True  # nn.scan over layers.
@@ -408,6 +448,7 @@ class BlockStack(nn.Module):
       grid=self.grid,
       window=self.window,
       relative_position=self.relative_position,
+      mlp_conv=self.mlp_conv,
       dropout_rate=self.dropout_rate,
       deterministic=self.deterministic,
       dtype=self.dtype,

@@ -60,6 +60,7 @@ def base_config() -> ml_collections.ConfigDict:
     attention="full",  # "full" or "multi_axis".
     window=8,  # Multi-axis block / grid side.
     relative_position=False,  # 2D relative position bias in full self-attention (not Muse's).
+    mlp_conv=False,  # Depthwise 3x3 conv over the token grid in the MLPs (not Muse's).
     dropout_rate=0.0,
     scan_layers=True,
     remat_policy="none",  # "none", "full", "dots", "dots_no_batch".
@@ -142,8 +143,9 @@ def make_model(config: ml_collections.ConfigDict) -> MaskedTransformer:
     mlp_dim=m.mlp_dim,
     attention=m.attention,
     window=m.window,
-    # Runs saved before this option existed have no such key.
+    # Runs saved before these options existed have no such keys.
     relative_position=m.get("relative_position", False),
+    mlp_conv=m.get("mlp_conv", False),
     dropout_rate=m.dropout_rate,
     scan_layers=m.scan_layers,
     remat_policy=m.remat_policy,

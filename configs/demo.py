@@ -73,7 +73,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # 4 / 12 / 28 minutes of training (benchmarks/demo_ceilings.py tells why). So the base gets
   # what the 10 minutes leave (330 s), and the step is kept cheap: an MLP of 256 and 2 heads
   # of 64 take 0.25 s a step, against 0.35 s for 512 and 4 heads of 32 (over three seeds,
-  # 122/360 single-object images right against 104/360, with 240 s each).
+  # 122/360 single-object images right against 104/360, with 240 s each). With the relative
+  # bias and the MLP convolution below, an MLP of 512 still does no better: 339/600 against
+  # 348/600 on one tokenizer (seeds 0-4), in 673 steps against 1008.
   # Other levers, replayed on one H200 at the step counts that fit here (single-object images
   # right of 120, seeds 0 and 1, with a 450-step decoder stage of batch 16), before the
   # relative position bias below: 52, 57 as configured; 57, 63 with 1700 base steps; 57, 61 with label smoothing 0.1; 50, 56 with

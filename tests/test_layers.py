@@ -225,3 +225,7 @@ def test_mlp_conv_starts_as_the_plain_mlp_and_reaches_only_neighbours():
   np.testing.assert_array_equal(changed, want)
   with pytest.raises(ValueError, match=r"conv grid \(4, 5\) holds 20 tokens; got 16"):
     conv_mlp.init(jax.random.key(0), x[:, :16])
+  block = layers.TransformerBlock(num_heads=2, head_dim=4, mlp_dim=16, cross_attention=False,
+                                  mlp_conv=True)  # fmt: skip
+  with pytest.raises(ValueError, match="mlp_conv convolves over the token grid"):
+    block.init(jax.random.key(0), x)

@@ -201,7 +201,8 @@ def test_depthwise_conv3x3_is_xlas_depthwise_convolution():
     x, kernel[:, :, None], (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"),
     feature_group_count=4,
   )  # fmt: skip
-  np.testing.assert_allclose(layers.depthwise_conv3x3(x, kernel), want, rtol=1e-5, atol=1e-5)
+  got = layers.depthwise_conv3x3(x, kernel[:, :, None])
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
 def test_mlp_conv_starts_as_the_plain_mlp_and_reaches_only_neighbours():

@@ -31,6 +31,7 @@ import jax
 from jax import lax
 import jax.numpy as jnp
 
+from muse_jax.models.layers import depthwise_conv3x3
 from muse_jax.partitioning import EMBED, HEAD_DIM, HEADS, MLP, NORM
 
 Dtype = Any
@@ -338,23 +339,6 @@ class GlobalResponseNorm(nn.Module):
     gx = jnp.sqrt(jnp.sum(jnp.square(x), axis=(1, 2), keepdims=True))  # [B, 1, 1, C]
     nx = gx / (jnp.mean(gx, axis=-1, keepdims=True) + 1e-6)
     return param("gamma") * (x * nx) + param("beta") + x
-
-
-def depthwise_conv3x3(x: jax.Array, kernel: jax.Array) -> jax.Array:
-  """3x3 depthwise convolution, zero padding 1: x [B, Y, X, C], kernel [3, 3, 1, C].
-
-  Written as the sum of 9 shifted, per-channel scaled copies of x: XLA's CPU backend
-  runs ``conv_general_dilated`` with ``feature_group_count=C`` ~35x slower than this
-  (17 ms vs 0.5 ms for [2, 16, 16, 768]), and on accelerators both fuse alike.
-  """
-  _, y, w, _ = x.shape
-  padded = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
-  out = padded[:, :y, :w] * kernel[0, 0, 0]
-  for i in range(3):
-    for j in range(3):
-      if i or j:
-        out = out + padded[:, i : i + y, j : j + w] * kernel[i, j, 0]
-  return out
 
 
 class ConvNextBlock(nn.Module):

@@ -11,6 +11,7 @@ emitted it (the HLO's ``op_name`` metadata), and prints the op time per call:
 
 Targets (``--target``):
   demo-step   forward + backward of the demo's base transformer (configs/demo.py), batch 64
+  demo-vq-step  forward + backward of the demo's VQ tokenizer (its pixel loss), batch 8
   uvit-mid    one guided call of the mid-size aMUSEd U-ViT (benchmarks/amused_vs_diffusers.py)
   uvit-full   the same at amused-256 size
   vq-decode   aMUSEd's VQ decoder (f = 16, 146M parameters): 16x16 ids to one 256x256 image
@@ -66,6 +67,32 @@ def demo_step(dtype: str):
   def loss(p):
     logits = model.apply({"params": p}, ids, text, mask)
     return jnp.mean(jax.nn.logsumexp(logits, -1) - logits[..., 0])
+
+  return jax.grad(loss), (params,)
+
+
+def demo_vq_step(dtype: str):
+  """(function, args): pixel-loss gradient of the demo's VQ tokenizer, batch 8."""
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+
+  import configs.demo
+  from muse_jax.demo import build
+  from muse_jax.trainers import vqgan as vq_trainer
+
+  config = configs.demo.get_config()
+  c = build.tokenizer_trainer_config(config)
+  c.model.dtype = dtype
+  model = vq_trainer.make_model(c.model)
+  rng = np.random.default_rng(0)
+  size = config.image_size
+  x = jnp.asarray(rng.uniform(-1, 1, (config.tokenizer.batch_size, size, size, 3)), jnp.float32)
+  params = jax.jit(lambda: model.init(jax.random.key(0), x)["params"])()
+
+  def loss(p):
+    rec, _ = model.apply({"params": p}, x)  # (images_hat, the quantizer's aux)
+    return jnp.mean((rec - x) ** 2)
 
   return jax.grad(loss), (params,)
 
@@ -126,7 +153,9 @@ def module_path(op_name: str) -> str:
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument(
-    "--target", choices=("demo-step", "uvit-mid", "uvit-full", "vq-decode"), required=True
+    "--target",
+    choices=("demo-step", "demo-vq-step", "uvit-mid", "uvit-full", "vq-decode"),
+    required=True,
   )
   parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
   parser.add_argument("--top", type=int, default=15, help="rows of each table")
@@ -136,6 +165,8 @@ def main() -> None:
 
   if args.target == "demo-step":
     fn, fn_args = demo_step(args.dtype)
+  elif args.target == "demo-vq-step":
+    fn, fn_args = demo_vq_step(args.dtype)
   elif args.target == "vq-decode":
     fn, fn_args = vq_decode(args.dtype)
   else:

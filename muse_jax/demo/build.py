@@ -72,7 +72,7 @@ def make_text_encoder(config: ml_collections.ConfigDict, folder: pathlib.Path) -
   random_init.write_random_folder(folder, hf_config, "float32", seed=config.seed)
 
 
-def _vq_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+def tokenizer_trainer_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """The VQ trainer's config for the demo's tokenizer: its model, losses and data."""
   t = config.tokenizer
   c = vqgan_config.base_config()
@@ -93,7 +93,7 @@ def _vq_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 def train_tokenizer(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> None:
   """The f=8 VQ tokenizer on shapes images (pixel loss + commitment: flat colours need no GAN)."""
   t = config.tokenizer
-  c = _vq_config(config)
+  c = tokenizer_trainer_config(config)
   # Random codes, no k-means and no restarts: 80% of the patches are white, and both would
   # spend dozens of near-identical codes on white, which the transformer then cannot predict
   # (measured: 184 codes for white patches, 4.5 nats, against 14 codes, 1.1 nats, this way).
@@ -112,7 +112,7 @@ def finetune_decoder(config: ml_collections.ConfigDict, workdir: pathlib.Path) -
   decoder learns to draw the real image from the base's kind of errors.
   """
   d = config.decoder
-  c = _vq_config(config)
+  c = tokenizer_trainer_config(config)
   c.finetune.update(checkpoint=str(workdir / TOKENIZER), copy_decoder=True)
   # A few hundred steps: a constant rate and no EMA. With the tokenizer's cosine decay and
   # EMA 0.99, 60 s of finetuning (on noisy codes) left the base's images no better.

@@ -238,7 +238,7 @@ def guided_call_flops(stage, ids, text, negative, scale: float) -> float:
   from muse_jax import partitioning, sampling
   from muse_jax import text as text_lib
 
-  # XLA's attention: cuDNN's (``uvit.fast_attention`` on a GPU) has no CPU lowering, and
+  # The einsum attention: cuDNN's (``uvit.fast_attention`` on a GPU) has no CPU lowering, and
   # fused or not, attention does the same multiplications.
   model = stage.model.clone(scan_layers=False, attention_implementation=None)
   unrolled = dataclasses.replace(stage, model=model)

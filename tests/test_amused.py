@@ -87,7 +87,8 @@ def test_stage_checks_its_description():
     amused.AmusedStage(model, grid=(8, 6), mask_id=39, micro_conds=(1, 2, 3))
   stage = amused.AmusedStage(model, grid=(8, 6), mask_id=39)
   assert stage.with_dtype("bfloat16").model.dtype == jnp.bfloat16
-  assert stage.with_dtype("bfloat16").model.attention_implementation is None  # XLA's on CPU
+  # The einsum attention on this CPU (cuDNN's only on recent NVIDIA GPUs).
+  assert stage.with_dtype("bfloat16").model.attention_implementation is None
   assert hash(stage) == hash(amused.AmusedStage(model, grid=[8, 6], mask_id=39))  # static arg
   other = stage.with_micro_conditioning(crop=(16, 8), aesthetic_score=5.5)
   assert other.micro_conds == (256.0, 256.0, 16.0, 8.0, 5.5)

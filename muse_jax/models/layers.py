@@ -151,7 +151,9 @@ def dot_product_attention(
   if mask is not None:
     logits = jnp.where(mask[:, None, None, :], logits, jnp.finfo(jnp.float32).min)
   probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-  return jnp.einsum("BNLS,BSNH->BLNH", probs, v)
+  # Head-major, then swapped back: on a CPU XLA runs the batched matmul faster writing
+  # [B, N, L, H] than [B, L, N, H] (one full-size aMUSEd U-ViT call in bf16: 3% less).
+  return jnp.swapaxes(jnp.einsum("BNLS,BSNH->BNLH", probs, v), 1, 2)
 
 
 def relative_offsets(grid: tuple[int, int]) -> np.ndarray:

@@ -74,7 +74,8 @@ def fast_attention(dtype: Dtype, device: jax.Device | None = None) -> str | None
   cuDNN's fused attention on NVIDIA GPUs from Ampere on (compute capability 8.0; a T4 has
   7.5), in bfloat16 / float16 (it takes no float32): one guided amused-256 call on an H200
   in bfloat16 took 34.0 against 43.3 ms at 64 rows, and 4.35 against 4.61 ms at 2.
-  Elsewhere XLA's (``None``).
+  Elsewhere the einsum attention (``None``), which on a CPU is faster than
+  ``jax.nn.dot_product_attention``'s XLA implementation.
   """
   device = device or jax.devices()[0]
   half = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
@@ -214,8 +215,9 @@ class UVit2D(nn.Module):
   scan_layers: bool = True  # nn.scan over the transformer layers (stacked params, fast compile)
   dtype: Dtype = jnp.float32  # computation dtype (bfloat16 for speed); logits are float32
   param_dtype: Dtype = jnp.float32  # parameter dtype
-  # jax.nn.dot_product_attention's implementation: None (XLA's) or "cudnn" (fused, NVIDIA
-  # GPUs, bfloat16 / float16 only); `fast_attention` picks one for a dtype and device.
+  # None: einsums compiled by XLA (layers.dot_product_attention); "xla" or "cudnn" (fused,
+  # NVIDIA GPUs, bfloat16 / float16 only): jax.nn.dot_product_attention's implementations.
+  # `fast_attention` picks one for a dtype and device.
   attention_implementation: str | None = None
 
   @property

@@ -219,8 +219,8 @@ class Attention(nn.Module):
   dtype: Dtype = jnp.float32  # computation dtype
   param_dtype: Dtype = jnp.float32  # parameter dtype
   # None: this library's einsum attention (layers.dot_product_attention); "xla" or "cudnn":
-  # jax.nn.dot_product_attention's. On a CPU the einsums are faster: one full-size
-  # self-attention sub-block in bf16 at batch 2 takes 16.7 against 20.4 ms.
+  # jax.nn.dot_product_attention's. On a CPU the einsums are faster: one guided amused-256
+  # U-ViT call in bf16 takes 1260 against 1402 ms (mid size: 286 against 315 ms).
   implementation: str | None = None
 
   @nn.compact

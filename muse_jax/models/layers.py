@@ -142,7 +142,7 @@ def dot_product_attention(
     bias: [N, L, S] added to the logits (a relative position bias), or None.
 
   Returns:
-    [B, L, N, H] in q's dtype.
+    [B, L, N, H] in v's dtype.
   """
   logits = jnp.einsum("BLNH,BSNH->BNLS", q, k, preferred_element_type=jnp.float32)
   logits = logits / jnp.sqrt(jnp.float32(q.shape[-1]))

@@ -120,9 +120,8 @@ def sample_tokens(
     values, index = lax.top_k(logits, top_k)  # [B, L, k], sorted descending.
   t = jnp.asarray(temperature, jnp.float32)
   probs = jax.nn.softmax(values / jnp.where(t > 0, t, 1.0), axis=-1)
-  cdf = jnp.cumsum(probs, axis=-1)
-  drawn = jnp.sum(cdf < (uniform * cdf[..., -1])[..., None], axis=-1)
-  choice = jnp.where(t > 0, jnp.minimum(drawn, values.shape[-1] - 1), jnp.argmax(values, axis=-1))
+  drawn = inverse_cdf(probs, uniform)
+  choice = jnp.where(t > 0, drawn, jnp.argmax(values, axis=-1))
   log_prob = jnp.take_along_axis(jax.nn.log_softmax(values, axis=-1), choice[..., None], axis=-1)[
     ..., 0
   ]
@@ -130,6 +129,42 @@ def sample_tokens(
     choice if index is None else jnp.take_along_axis(index, choice[..., None], axis=-1)[..., 0]
   )
   return tokens.astype(jnp.int32), log_prob
+
+
+def inverse_cdf(probs: jax.Array, uniform: jax.Array, block: int = 128) -> jax.Array:
+  """The index an inverse-CDF draw picks: #{k : cdf[k] < u · cdf[K - 1]}, in two levels.
+
+  A cumulative sum over the whole vocabulary is slow on a CPU (XLA lowers it to a
+  scan: 11.4 ms for 256 positions of 8192 codes, most of a decode step's own
+  arithmetic). Instead, the K probabilities are cut into blocks of ``block``: the
+  draw's block is found on the (short) cumulative sum of the block totals, and its
+  index within the block on the cumulative sum of that one block (0.5 ms).
+
+  Args:
+    probs: float [..., K], non-negative (need not sum to 1).
+    uniform: float [...] in (0, 1].
+
+  Returns:
+    int32 [...] in [0, K); a draw that rounding carries past the last index lands on
+    K - 1, as a cumulative sum's count of K would be clipped.
+  """
+  k = probs.shape[-1]
+  if k <= block:
+    cdf = jnp.cumsum(probs, axis=-1)
+    drawn = jnp.sum(cdf < (uniform * cdf[..., -1])[..., None], axis=-1, dtype=jnp.int32)
+    return jnp.minimum(drawn, k - 1)
+  pad = [(0, 0)] * (probs.ndim - 1) + [(0, -k % block)]  # zeros: never drawn
+  blocks = jnp.pad(probs, pad).reshape(*probs.shape[:-1], -1, block)  # [..., nb, block]
+  totals = jnp.sum(blocks, axis=-1)  # [..., nb]
+  block_cdf = jnp.cumsum(totals, axis=-1)
+  target = uniform * block_cdf[..., -1]  # [...]
+  j = jnp.sum(block_cdf < target[..., None], axis=-1, dtype=jnp.int32)
+  j = jnp.minimum(j, blocks.shape[-2] - 1)[..., None]  # [..., 1]: the draw's block
+  before = jnp.take_along_axis(block_cdf - totals, j, axis=-1)  # [..., 1]: mass of blocks < j
+  inner = jnp.take_along_axis(blocks, j[..., None], axis=-2)[..., 0, :]  # [..., block]
+  cdf = before + jnp.cumsum(inner, axis=-1)
+  drawn = j[..., 0] * block + jnp.sum(cdf < target[..., None], axis=-1, dtype=jnp.int32)
+  return jnp.minimum(drawn, k - 1)
 
 
 def num_masked_after(

@@ -277,6 +277,24 @@ def test_sharded_batch_gives_the_unsharded_result(params):
   np.testing.assert_array_equal(np.asarray(sharded), np.asarray(single))
 
 
+@pytest.mark.parametrize("k", [7, 128, 1000, 8192])
+def test_inverse_cdf_picks_the_index_of_a_full_cumulative_sum(k):
+  rng = np.random.default_rng(k)
+  probs = rng.dirichlet(np.full(k, 0.3), size=(3, 50)).astype(np.float32)  # [3, 50, K]
+  probs[0, :, k // 2 :] = 0.0  # a zero tail is never drawn
+  uniform = rng.uniform(size=(3, 50)).astype(np.float32)
+  uniform[1] = 1.0  # the top of the range
+  uniform[2, :5] = np.float32(1e-7)  # the bottom: the first index
+  got = np.asarray(sampling.inverse_cdf(jnp.asarray(probs), jnp.asarray(uniform), block=128))
+  cdf = np.cumsum(probs.astype(np.float64), axis=-1)
+  want = np.sum(cdf < (uniform * cdf[..., -1])[..., None], axis=-1)
+  np.testing.assert_array_equal(got[[0, 2]], want[[0, 2]])
+  assert (got[0] < k // 2).all()
+  # u = 1 draws the last index whose mass a float32 sum still registers.
+  tail = np.array([probs[1, i, j + 1 :].sum() / cdf[1, i, -1] for i, j in enumerate(got[1])])
+  assert (got[1] < k).all() and (tail < 1e-6).all(), (got[1], tail.max())
+
+
 def test_sample_tokens_matches_the_softmax_distribution():
   logits = jnp.log(jnp.array([0.1, 0.2, 0.3, 0.4]))
   n = 40000

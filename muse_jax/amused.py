@@ -48,7 +48,7 @@ import numpy as np
 from muse_jax import checkpointing, partitioning
 from muse_jax.convert.diffusers_uvit import load_uvit, uvit_kwargs_from_config
 from muse_jax.convert.io import read_json
-from muse_jax.models.uvit import UVit2D, fast_attention
+from muse_jax.models.uvit import UVit2D, fast_attention, unstack_layers
 from muse_jax.pipeline import SamplerOptions
 from muse_jax.text import TextEmbeddings
 
@@ -269,7 +269,12 @@ def _stage_from_config(
   dtype = jnp.dtype(dtype or config.get("dtype", "float32"))
   model = UVit2D(
     **config["uvit"],
-    scan_layers=True,
+    # Unrolled: what depends on the text alone (each layer's cross-attention keys and
+    # values, its AdaLN modulations, its weights cast to `dtype`) then lies outside any
+    # inner loop, and XLA hoists it out of the decode loop; inside nn.scan's loop it is
+    # recomputed every step. On 2 CPU cores, 12 guided amused-256 calls in bfloat16 take
+    # 13.9 against 15.4 s (compiling in 7 against 4 s). Checkpoints stay stacked.
+    scan_layers=False,
     dtype=dtype,
     param_dtype=jnp.dtype(param_dtype or config.get("param_dtype", "float32")),
     attention_implementation=fast_attention(dtype, device),
@@ -319,12 +324,15 @@ def load_amused_stage(
     config = stage_config_from_diffusers(root)
     stage = _stage_from_config(config, device, np.float32, dtype)
     shardings = partitioning.logical_shardings(stage.abstract_params(), mesh, rules)
-    _, params = load_uvit(root / "transformer", shardings=shardings)
+    _, params = load_uvit(root / "transformer", scan_layers=False, shardings=shardings)
     return stage, params
   stage = _stage_from_config(config, device, dtype=dtype)
-  abstract = partitioning.sharded_abstract(stage.abstract_params(), mesh, rules)
+  # The converter writes the layers stacked (load_uvit's default layout).
+  stacked = dataclasses.replace(stage, model=stage.model.clone(scan_layers=True))
+  abstract = partitioning.sharded_abstract(stacked.abstract_params(), mesh, rules)
   with checkpointing.Checkpointer(path, async_save=False) as ckpt:
     restored = ckpt.restore_or_none({"params": abstract})
   if restored is None:
     raise FileNotFoundError(f"{path} holds no checkpoint (convert the aMUSEd folder again)")
-  return stage, restored.state["params"]
+  shardings = partitioning.logical_shardings(stage.abstract_params(), mesh, rules)
+  return stage, jax.jit(unstack_layers, out_shardings=shardings)(restored.state["params"])

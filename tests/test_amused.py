@@ -6,9 +6,13 @@ tokenizer, scheduler) with one diffusers ``AmusedPipeline`` generation whose ran
 draws were recorded, so that ours can replay it token for token.
 """
 
+import collections
+import dataclasses
 import json
+import math
 import os
 import pathlib
+import re
 import shutil
 import subprocess
 import sys
@@ -21,6 +25,7 @@ import pytest
 from muse_jax import amused, editing, masking, runs, sampling
 from muse_jax.convert.amused import ConversionError, convert_amused
 from muse_jax.convert.diffusers_uvit import load_uvit
+from muse_jax.stage_decode import decode_stage
 from muse_jax.text import TextEmbeddings
 
 AMUSED = pathlib.Path(__file__).parent / "fixtures" / "amused"
@@ -246,6 +251,59 @@ def test_a_diffusers_folder_loads_as_a_stage_without_conversion(pipe):
   stage, params = amused.load_amused_stage(SRC / "transformer")
   assert stage == pipe.base_stage
   jax.tree.map(np.testing.assert_array_equal, params, pipe.base_params)
+
+
+def _computations_in_loops(hlo: str) -> set[str]:
+  """Names of the HLO computations that run inside some while loop (bodies and below)."""
+  calls, name = {}, None
+  for line in hlo.splitlines():
+    head = re.match(r"(?:ENTRY )?%([\w.\-]+) .*\{$", line)
+    if head:
+      name = head.group(1)
+      calls[name] = set()
+    elif name:
+      calls[name] |= set(re.findall(r"(?:calls|to_apply|body|condition)=%([\w.\-]+)", line))
+  inside = set(re.findall(r"body=%([\w.\-]+)", hlo))
+  todo = list(inside)
+  while todo:
+    for callee in calls.get(todo.pop(), ()):
+      if callee not in inside:
+        inside.add(callee)
+        todo.append(callee)
+  return inside
+
+
+@pytest.mark.parametrize("scan_layers", [False, True])
+def test_text_only_work_is_hoisted_out_of_the_decode_loop(pipe, scan_layers):
+  """Cross-attention keys/values and AdaLN modulations depend on the text alone: with the
+  layers unrolled (as loaded), XLA computes them once per call, not once per step."""
+  stage = pipe.base_stage
+  assert not stage.model.scan_layers
+  params = pipe.base_params
+  if scan_layers:  # the control: inside nn.scan's loop they cannot be hoisted
+    stage = dataclasses.replace(stage, model=stage.model.clone(scan_layers=True))
+    params = load_uvit(SRC / "transformer", scan_layers=True)[1]
+  text, negative = pipe.encode_prompts(["a cat"], None, guided=True)
+  ids = jnp.full((1, math.prod(stage.grid)), stage.mask_id, jnp.int32)
+  hlo = (
+    decode_stage.lower(stage, params, ids, text, negative, None, jax.random.key(0),
+                       jnp.float32(1.0), jnp.float32(3.0), num_steps=4, schedule="cosine",
+                       choice_temperature=(2.0, 0.0), top_k=None, guidance_schedule="constant")
+    .compile().as_text()
+  )  # fmt: skip
+  in_loops = _computations_in_loops(hlo)
+  # The products themselves (layout copies of their results may stay in the loop).
+  text_only = re.compile(r' dot\(.*op_name="[^"]*/(?:attn2/kv|modulation)/dot_general"')
+  placed = collections.Counter()
+  for computation in re.split(r"\n(?=(?:ENTRY )?%)", hlo):
+    name = re.match(r"(?:ENTRY )?%([\w.\-]+)", computation)
+    if name and text_only.search(computation):
+      placed[name.group(1) in in_loops] += 1
+  assert placed[False] > 0  # the test sees them at all
+  if scan_layers:
+    assert placed[True] > 0
+  else:
+    assert placed[True] == 0, f"{placed[True]} text-only products left in the decode loop"
 
 
 def muse_jax(*args):

@@ -18,7 +18,7 @@ from safetensors.numpy import load_file, save_file
 
 from muse_jax import masking, partitioning, sampling
 from muse_jax.convert.diffusers_uvit import abstract_params, load_uvit, uvit_kwargs_from_config
-from muse_jax.models.uvit import UVit2D, fast_attention
+from muse_jax.models.uvit import UVit2D, fast_attention, unstack_layers
 
 AMUSED = pathlib.Path(__file__).parent / "fixtures" / "amused"
 INPUTS = ("ids", "encoder_hidden_states", "pooled_text_emb", "micro_conds")
@@ -46,6 +46,16 @@ def test_logits_match_diffusers(name, scan_layers):
   np.testing.assert_allclose(logits, ref["logits"], atol=1e-4, rtol=0)
   # The fixture is not degenerate: logits vary across tokens and codes.
   assert ref["logits"].std(axis=(1, 2)).min() > 0.1
+
+
+def test_unstacked_scan_params_are_the_unrolled_models():
+  _, stacked = load_uvit(AMUSED / "uvit_512", scan_layers=True)
+  _, unrolled = load_uvit(AMUSED / "uvit_512", scan_layers=False)
+  assert "layers" in stacked and "layers_0" in unrolled
+  got = unstack_layers(stacked)
+  assert jax.tree.structure(got) == jax.tree.structure(unrolled)
+  jax.tree.map(np.testing.assert_array_equal, got, unrolled)
+  assert unstack_layers(unrolled) is unrolled
 
 
 def test_bfloat16_compute_stays_close():

@@ -87,6 +87,18 @@ def fast_attention(dtype: Dtype, device: jax.Device | None = None) -> str | None
   return "cudnn" if half and cuda and capability >= (8, 0) else None
 
 
+def unstack_layers(params: dict) -> dict:
+  """Scanned params (``layers``: each leaf stacked over the transformer layers) as the
+  unrolled model's (``layers_0`` ... ``layers_{n-1}``); other params unchanged."""
+  if "layers" not in params:
+    return params
+  stacked = params["layers"]
+  (n,) = {leaf.shape[0] for leaf in jax.tree.leaves(stacked)}
+  out = {k: v for k, v in params.items() if k != "layers"}
+  out.update({f"layers_{i}": jax.tree.map(lambda a, i=i: a[i], stacked) for i in range(n)})
+  return out
+
+
 class Resample(nn.Module):
   """RMSNorm, then a 2x2 stride-2 conv (``down``) or transposed conv (up).
 

@@ -37,8 +37,8 @@ On the CPU the breakdown counts CPU seconds (with one thread per side, as under 
 that is the work done, whatever else the machine runs). Diffusers' parts are timed
 around its modules' calls; ours as separately compiled functions: the text encoder, the N
 guided U-ViT calls (in one compiled loop, see ``ours_side``), the decode loop with fixed
-logits in place of the U-ViT (the sampling arithmetic), and the VQ decode. The U-ViT call's FLOPs (XLA's
-count, layers unrolled) and rate are printed too.
+logits in place of the U-ViT (the sampling arithmetic), and the VQ decode. The U-ViT
+call's FLOPs (XLA's count, layers unrolled) and rate are printed too.
 """
 
 from __future__ import annotations

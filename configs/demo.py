@@ -122,9 +122,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # 24 steps at temperature 0.5: on one base (120 images each), 63 right, against 48 for
     # 12 steps at temperature 1, 53 for 24 at 1, 56 for 12 at 0.5, 64 for 64 at 0.5 and 58
     # for 12 at 0.25; choice temperature 1 and 4 (55, 60) and guidance 1 and 3 (41, 52) at
-    # 24 steps and temperature 0.5 did no better than 2. Replayed on a demo of 2026-11-26 (8 images
-    # per seen single-object prompt, seeds 0-4; 354/600 as configured): top-k 2 gave 352,
-    # temperature 0.25 352, argmax 356, choice temperature 0 287, guidance 3 322, 48 steps 342.
+    # 24 steps and temperature 0.5 did no better than 2. Replayed on a demo of 2026-11-26
+    # (8 images per seen single-object prompt, seeds 0-4; 354/600 as configured): top-k 2
+    # gave 352, temperature 0.25 352, argmax 356, choice temperature 0 287, guidance 3 322,
+    # 48 steps 342.
     num_steps=24,
     guidance_scale=2.0,
     guidance_schedule="constant",

@@ -224,7 +224,9 @@ class UVit2D(nn.Module):
   layer_norm_eps: float = 1e-6  # epsilon of every norm (stage attentions: always 1e-6)
   ln_elementwise_affine: bool = True  # norms carry a learnable weight
   sample_size: int = 64  # token grid side the model was trained at (informational)
-  scan_layers: bool = True  # nn.scan over the transformer layers (stacked params, fast compile)
+  # nn.scan over the transformer layers: stacked params, fast compile. Unrolled, XLA can hoist
+  # each layer's text-only work out of a decode loop (the aMUSEd stage loads them so).
+  scan_layers: bool = True
   dtype: Dtype = jnp.float32  # computation dtype (bfloat16 for speed); logits are float32
   param_dtype: Dtype = jnp.float32  # parameter dtype
   # None: einsums compiled by XLA (layers.dot_product_attention); "xla" or "cudnn" (fused,

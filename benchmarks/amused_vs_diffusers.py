@@ -261,6 +261,7 @@ def guided_call_flops(stage, ids, text, negative, scale: float) -> float:
 def ours_side(loaded, dtype: str, clock: Clock, batch: int):
   """Our pipeline with the U-ViT computing in ``dtype`` (the other parts as loaded)."""
   import copy
+  import dataclasses
 
   import jax
   import jax.numpy as jnp
@@ -302,19 +303,8 @@ def ours_side(loaded, dtype: str, clock: Clock, batch: int):
     """The decode loop with each guided U-ViT call replaced by fixed logits: what the
     sampler itself costs (guidance, token draws, confidences, re-masking)."""
     fn = lambda x: logits[: x.shape[0]] + (x[..., None] == 0)  # depends on the ids
-    return sampling.decode(
-      ids,
-      fn,
-      rng,
-      mask_id=stage.mask_id,
-      num_steps=options.num_steps,
-      schedule=options.schedule,
-      temperature=options.temperature,
-      choice_temperature=options.choice_temperature,
-      top_k=options.top_k,
-      guidance_scale=options.guidance_scale,
-      guidance_schedule=options.guidance_schedule,
-    ).ids
+    # SamplerOptions' fields are sampling.decode's keyword arguments.
+    return sampling.decode(ids, fn, rng, mask_id=stage.mask_id, **dataclasses.asdict(options)).ids
 
   def breakdown(seed: int) -> dict[str, float]:
     parts = {}

@@ -253,16 +253,18 @@ def test_a_diffusers_folder_loads_as_a_stage_without_conversion(pipe):
   jax.tree.map(np.testing.assert_array_equal, params, pipe.base_params)
 
 
-def _computations_in_loops(hlo: str) -> set[str]:
-  """Names of the HLO computations that run inside some while loop (bodies and below)."""
-  calls, name = {}, None
-  for line in hlo.splitlines():
-    head = re.match(r"(?:ENTRY )?%([\w.\-]+) .*\{$", line)
-    if head:
-      name = head.group(1)
-      calls[name] = set()
-    elif name:
-      calls[name] |= set(re.findall(r"(?:calls|to_apply|body|condition)=%([\w.\-]+)", line))
+def _computations(hlo: str) -> tuple[dict[str, str], set[str]]:
+  """An HLO module's computations by name, and the names of those that run inside some
+  while loop (its bodies and everything they call)."""
+  texts = {}
+  for text in re.split(r"\n(?=(?:ENTRY )?%)", hlo):
+    name = re.match(r"(?:ENTRY )?%([\w.\-]+)", text)
+    if name:
+      texts[name.group(1)] = text
+  calls = {
+    name: set(re.findall(r"(?:calls|to_apply|body|condition)=%([\w.\-]+)", text))
+    for name, text in texts.items()
+  }
   inside = set(re.findall(r"body=%([\w.\-]+)", hlo))
   todo = list(inside)
   while todo:
@@ -270,7 +272,7 @@ def _computations_in_loops(hlo: str) -> set[str]:
       if callee not in inside:
         inside.add(callee)
         todo.append(callee)
-  return inside
+  return texts, inside
 
 
 @pytest.mark.parametrize("scan_layers", [False, True])
@@ -291,14 +293,10 @@ def test_text_only_work_is_hoisted_out_of_the_decode_loop(pipe, scan_layers):
                        choice_temperature=(2.0, 0.0), top_k=None, guidance_schedule="constant")
     .compile().as_text()
   )  # fmt: skip
-  in_loops = _computations_in_loops(hlo)
+  texts, in_loops = _computations(hlo)
   # The products themselves (layout copies of their results may stay in the loop).
   text_only = re.compile(r' dot\(.*op_name="[^"]*/(?:attn2/kv|modulation)/dot_general"')
-  placed = collections.Counter()
-  for computation in re.split(r"\n(?=(?:ENTRY )?%)", hlo):
-    name = re.match(r"(?:ENTRY )?%([\w.\-]+)", computation)
-    if name and text_only.search(computation):
-      placed[name.group(1) in in_loops] += 1
+  placed = collections.Counter(name in in_loops for name, t in texts.items() if text_only.search(t))
   assert placed[False] > 0  # the test sees them at all
   if scan_layers:
     assert placed[True] > 0

@@ -268,9 +268,12 @@ def ours_side(loaded, dtype: str, clock: Clock, batch: int):
 
   from muse_jax import amused, sampling
   from muse_jax import text as text_lib
+  from muse_jax.models import uvit
 
   pipe = copy.copy(loaded)
+  # As a run converted with `--dtype` loads: the kernels cast once, not in every call.
   pipe.base_stage = loaded.base_stage.with_dtype(dtype)
+  pipe.base_params = uvit.cast_kernels(loaded.base_params, dtype)
   options = pipe.base_options  # the converted run's: aMUSEd's preset
   assert options == amused.AMUSED_SAMPLER, options
   assert options.guidance_scale == amused.guidance_from_diffusers(GUIDANCE)

@@ -25,6 +25,7 @@ import pytest
 from muse_jax import amused, editing, masking, runs, sampling
 from muse_jax.convert.amused import ConversionError, convert_amused
 from muse_jax.convert.diffusers_uvit import load_uvit
+from muse_jax.models import uvit
 from muse_jax.stage_decode import decode_stage
 from muse_jax.text import TextEmbeddings
 
@@ -77,9 +78,21 @@ def test_stage_logits_equal_the_uvit_on_the_golden_inputs(name, row):
     np.asarray(logits)[row].reshape(h, w, -1), ref["logits"][row], atol=1e-4, rtol=0
   )
   if name == "uvit_512":  # bfloat16 products, float32 sums and logits: close, not equal
-    fast = jax.jit(stage.with_dtype(jnp.bfloat16).logits)(params, ref["ids"].reshape(b, -1), text)
+    fast_logits = jax.jit(stage.with_dtype(jnp.bfloat16).logits)
+    fast = fast_logits(params, ref["ids"].reshape(b, -1), text)
     err = np.abs(np.asarray(fast) - np.asarray(logits)).max()
     assert fast.dtype == jnp.float32 and 0 < err < 0.05 * np.abs(ref["logits"]).max(), err
+    # Kernels cast once beforehand: the same products, so the same logits.
+    cast = uvit.cast_kernels(params, jnp.bfloat16)
+    np.testing.assert_array_equal(fast_logits(cast, ref["ids"].reshape(b, -1), text), fast)
+    dtypes = {
+      jax.tree_util.keystr(k): a.dtype for k, a in jax.tree_util.tree_leaves_with_path(cast)
+    }
+    narrowed = {k for k, d in dtypes.items() if d == jnp.bfloat16}
+    assert narrowed and all(k.endswith(("['kernel']", "['depthwise']")) for k in narrowed)
+    assert dtypes["['embedding']"] == jnp.float32 and len(narrowed) < len(dtypes)
+    widened = uvit.cast_kernels(cast, jnp.float32)  # bfloat16 storage is never widened
+    assert jax.tree.all(jax.tree.map(lambda a, c: a.dtype == c.dtype, widened, cast))
 
 
 def test_stage_checks_its_description():
@@ -218,8 +231,10 @@ def test_conversion_is_idempotent_and_refuses_foreign_folders(run_dir, tmp_path)
   other = tmp_path / "bf16"
   convert_amused(SRC, other)
   assert not convert_amused(SRC, other, dtype="bfloat16").up_to_date
-  stage, _ = amused.load_amused_stage(other / "transformer")
+  stage, params = amused.load_amused_stage(other / "transformer")
   assert stage.model.dtype == jnp.bfloat16 and not list(tmp_path.glob(".bf16.*"))
+  assert params["mlm_conv2"]["kernel"].dtype == jnp.bfloat16  # cast once, at load
+  assert params["embedding"].dtype == jnp.float32
   (tmp_path / "mine").mkdir()
   (tmp_path / "mine" / "notes.txt").write_text("keep me")
   with pytest.raises(ConversionError, match="exists and is not an aMUSEd conversion"):

@@ -11,6 +11,7 @@ from muse_jax import partitioning
 from muse_jax.models.subpixel import UpsampleConv
 from muse_jax.models.vqgan import (
   VQGAN,
+  PointwiseConv,
   depth_to_space,
   from_unit_range,
   space_to_depth,
@@ -151,6 +152,27 @@ def test_upsample_conv_gradients_are_the_plain_forms():
   want = loss(_plain_upsample_conv)(params, x)
   for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
     np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_pointwise_conv_is_a_1x1_conv(dtype):
+  """Same parameters as nn.Conv's 1x1 (checkpoints load either way), same outputs."""
+  x = jax.random.normal(jax.random.key(0), (2, 5, 7, 6))
+  module = PointwiseConv(4, dtype)
+  params = nn.meta.unbox(module.init(jax.random.key(1), x)["params"])
+  params["bias"] = jax.random.normal(jax.random.key(2), (4,))
+  conv = nn.Conv(4, (1, 1), dtype=dtype)
+  assert jax.tree.map(jnp.shape, params) == jax.tree.map(
+    jnp.shape, conv.init(jax.random.key(1), x)["params"]
+  )
+  out = module.apply({"params": params}, x)
+  assert out.shape == (2, 5, 7, 4) and out.dtype == dtype
+  np.testing.assert_allclose(
+    out.astype(jnp.float32),
+    conv.apply({"params": params}, x).astype(jnp.float32),
+    rtol=1e-2 if dtype == jnp.bfloat16 else 1e-5,
+    atol=1e-5,
+  )
 
 
 def test_bf16_compute_runs():

@@ -48,6 +48,25 @@ Array = jax.Array
 Dtype = Any
 
 
+class PointwiseConv(nn.Module):
+  """A 1x1 conv as one matmul over the channels, with ``nn.Conv``'s parameters (kernel
+  ``[1, 1, C, O]``, bias ``[O]``). XLA's CPU convolution runs a 1x1 kernel at a fraction
+  of its matmul rate: aMUSEd's 256 -> 128 shortcut at 256x256 takes 55 ms as a conv and
+  33 ms as this einsum on 2 cores."""
+
+  features: int  # O
+  dtype: Dtype = jnp.float32  # computation dtype
+  kernel_init: Any = nn.initializers.lecun_normal()
+  bias_init: Any = nn.initializers.zeros
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:  # [..., C] -> [..., O]
+    kernel = self.param("kernel", self.kernel_init, (1, 1, x.shape[-1], self.features))
+    bias = self.param("bias", self.bias_init, (self.features,))
+    x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+    return jnp.einsum("...C,CO->...O", x, kernel[0, 0]) + bias
+
+
 def _conv(
   features: int,
   k: int,
@@ -56,21 +75,25 @@ def _conv(
   stride: int = 1,
   padding: Any = None,
   shard: bool = True,
-) -> nn.Conv:
+) -> nn.Module:
   """A conv whose output channels are sharded over ``CONV_OUT`` unless ``shard`` is False
   (the narrow convs to pixels and latents: 3 or 8 channels do not split over a mesh)."""
   pad = k // 2
   out_axis = CONV_OUT if shard else None
+  kernel_init = nn.with_logical_partitioning(
+    nn.initializers.lecun_normal(), (None, None, CONV_IN, out_axis)
+  )
+  bias_init = nn.with_logical_partitioning(nn.initializers.zeros, (out_axis,))
+  if k == 1 and stride == 1 and padding is None:
+    return PointwiseConv(features, dtype, kernel_init, bias_init, name=name)
   return nn.Conv(
     features,
     (k, k),
     strides=(stride, stride),
     padding=((pad, pad), (pad, pad)) if padding is None else padding,
     dtype=dtype,
-    kernel_init=nn.with_logical_partitioning(
-      nn.initializers.lecun_normal(), (None, None, CONV_IN, out_axis)
-    ),
-    bias_init=nn.with_logical_partitioning(nn.initializers.zeros, (out_axis,)),
+    kernel_init=kernel_init,
+    bias_init=bias_init,
     name=name,
   )
 

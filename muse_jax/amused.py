@@ -151,8 +151,9 @@ class AmusedStage:
 
   def with_dtype(self, dtype: Any) -> AmusedStage:
     """A copy computing in ``dtype``: ``bfloat16`` multiplies in bfloat16 and sums in
-    float32 (the logits stay float32), ~1.8x faster on AVX512-BF16 CPUs at full size. The attention
-    follows (``uvit.fast_attention``: cuDNN's on recent NVIDIA GPUs in half precision).
+    float32 (the logits stay float32), ~1.8x faster on AVX512-BF16 CPUs at full size.
+    The attention follows (``uvit.fast_attention``: cuDNN's on recent NVIDIA GPUs in half
+    precision).
     The params work unchanged; ``uvit.cast_kernels(params, dtype)`` spares every call
     its casts, as ``load_amused_stage`` does."""
     dtype = jnp.dtype(dtype)

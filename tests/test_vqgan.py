@@ -170,8 +170,7 @@ def test_pointwise_conv_is_a_1x1_conv(dtype):
   np.testing.assert_allclose(
     out.astype(jnp.float32),
     conv.apply({"params": params}, x).astype(jnp.float32),
-    rtol=1e-2 if dtype == jnp.bfloat16 else 1e-5,
-    atol=1e-5,
+    **(dict(rtol=1e-2, atol=1e-2) if dtype == jnp.bfloat16 else dict(rtol=1e-5, atol=1e-5)),
   )
 
 

@@ -155,7 +155,9 @@ class AmusedStage:
     The attention follows (``uvit.fast_attention``: cuDNN's on recent NVIDIA GPUs in half
     precision).
     The params work unchanged; ``uvit.cast_kernels(params, dtype)`` spares every call
-    its casts, as ``load_amused_stage`` does."""
+    its casts, as ``load_amused_stage`` does. The reverse is lossy: a stage loaded to
+    compute in bfloat16 holds bfloat16 kernels, so for float32 weights load it again
+    with ``dtype="float32"``."""
     dtype = jnp.dtype(dtype)
     model = self.model.clone(dtype=dtype, attention_implementation=fast_attention(dtype))
     return dataclasses.replace(self, model=model)

@@ -235,6 +235,8 @@ def test_conversion_is_idempotent_and_refuses_foreign_folders(run_dir, tmp_path)
   assert stage.model.dtype == jnp.bfloat16 and not list(tmp_path.glob(".bf16.*"))
   assert params["mlm_conv2"]["kernel"].dtype == jnp.bfloat16  # cast once, at load
   assert params["embedding"].dtype == jnp.float32
+  _, params = amused.load_amused_stage(other / "transformer", dtype="float32")
+  assert params["mlm_conv2"]["kernel"].dtype == jnp.float32  # as stored
   (tmp_path / "mine").mkdir()
   (tmp_path / "mine" / "notes.txt").write_text("keep me")
   with pytest.raises(ConversionError, match="exists and is not an aMUSEd conversion"):

@@ -275,10 +275,10 @@ def _stage_from_config(
   model = UVit2D(
     **config["uvit"],
     # Unrolled: what depends on the text alone (each layer's cross-attention keys and
-    # values, its AdaLN modulations, its weights cast to `dtype`) then lies outside any
-    # inner loop, and XLA hoists it out of the decode loop; inside nn.scan's loop it is
-    # recomputed every step. On 2 CPU cores, 12 guided amused-256 calls in bfloat16 take
-    # 13.9 against 15.4 s (compiling in 7 against 4 s). Checkpoints stay stacked.
+    # values, its AdaLN modulations) then lies outside any inner loop, and XLA hoists
+    # it out of the decode loop; inside nn.scan's loop it is recomputed every step. On
+    # 2 CPU cores, 12 guided amused-256 calls in bfloat16 take 13.9 against 15.4 s
+    # (compiling in 7 against 4 s). Checkpoints stay stacked.
     scan_layers=False,
     dtype=dtype,
     param_dtype=jnp.dtype(param_dtype or config.get("param_dtype", "float32")),

@@ -149,10 +149,7 @@ def inverse_cdf(probs: jax.Array, uniform: jax.Array, block: int = 128) -> jax.A
     K - 1, as a cumulative sum's count of K would be clipped.
   """
   k = probs.shape[-1]
-  if k <= block:
-    cdf = jnp.cumsum(probs, axis=-1)
-    drawn = jnp.sum(cdf < (uniform * cdf[..., -1])[..., None], axis=-1, dtype=jnp.int32)
-    return jnp.minimum(drawn, k - 1)
+  block = min(block, k)  # a short vocabulary is one block
   pad = [(0, 0)] * (probs.ndim - 1) + [(0, -k % block)]  # zeros: never drawn
   blocks = jnp.pad(probs, pad).reshape(*probs.shape[:-1], -1, block)  # [..., nb, block]
   totals = jnp.sum(blocks, axis=-1)  # [..., nb]

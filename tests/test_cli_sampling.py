@@ -35,6 +35,7 @@ def photo(tmp_path_factory):
   mask[10:30, 20:] = 255
   Image.fromarray(mask).save(folder / "mask.png")
   Image.fromarray(np.zeros((40, 40), np.uint8)).save(folder / "empty_mask.png")
+  Image.fromarray(mask[:, :32]).save(folder / "narrow_mask.png")  # 32 wide, 40 high
   (folder / "notes.txt").write_text("not an image")
   return folder
 
@@ -76,6 +77,9 @@ def test_editing_commands_write_images(run, photo, tmp_path):
           "--out={tmp}/o.png"], "notes.txt is not a readable image"),
         (["inpaint", "--checkpoint={run}", "--prompt=a", "--image={photo}/photo.png",
           "--mask={photo}/empty_mask.png", "--out={tmp}/o.png"], "has no white pixels"),
+        (["inpaint", "--checkpoint={run}", "--prompt=a", "--image={photo}/photo.png",
+          "--mask={photo}/narrow_mask.png", "--out={tmp}/o.png"],
+         "narrow_mask.png is 32x40 pixels but the image"),
         (["outpaint", "--checkpoint={run}", "--prompt=a", "--image={photo}/missing.png", "--out={tmp}/o.png"],
          "no image at"),
         (["edit", "--checkpoint={run}", "--prompt=a", "--prompt=b", "--image={photo}/photo.png",

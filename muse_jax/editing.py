@@ -84,11 +84,11 @@ def outpaint_canvas(
       f"outpaint directions {list(directions)} pull opposite ways; pick one per axis"
     )
   s = image.shape[0]
-  size = -(-int(size) // multiple) * multiple
-  if not 0 < size < s:
-    raise ValueError(
-      f"outpaint size must be in (0, {s}) pixels after rounding to {multiple}; got {size}"
-    )
+  rounded = -(-int(size) // multiple) * multiple  # up to whole tokens
+  if not 0 < rounded < s:
+    note = f" ({rounded} when rounded up to a multiple of {multiple})" if rounded != size else ""
+    raise ValueError(f"outpaint size must be in (0, {s}) pixels; got {size}{note}")
+  size = rounded
   canvas = np.full_like(image, 127)
   mask = np.zeros((s, s), bool)
   dy = size * (("down" in directions) - ("up" in directions))

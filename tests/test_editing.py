@@ -51,11 +51,17 @@ def test_outpaint_canvas_shifts_the_image_and_masks_exactly_the_new_border(direc
     ("sideways", 4, "must be some of"),
     (("left", "right"), 4, "pull opposite ways"),
     ("left", 16, "size must be in \\(0, 16\\)"),
+    ("up", -3, "got -3$"),
   ],
 )
 def test_outpaint_canvas_rejects_bad_requests(directions, size, message):
   with pytest.raises(ValueError, match=message):
     editing.outpaint_canvas(np.zeros((16, 16, 3), np.uint8), directions, size)
+
+
+def test_outpaint_size_error_names_the_size_given_and_its_rounding():
+  with pytest.raises(ValueError, match="got 13 \\(16 when rounded up to a multiple of 4\\)"):
+    editing.outpaint_canvas(np.zeros((16, 16, 3), np.uint8), "left", 13, multiple=4)
 
 
 def test_check_mask_accepts_bool_binary_and_255_masks():

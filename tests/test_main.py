@@ -89,3 +89,15 @@ def test_compile_cache_defaults_and_respects_the_user(tmp_path):
     "JAX_COMPILATION_CACHE_DIR": "",
     "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "5",
   }
+
+
+def test_reconstruct_without_its_images_is_one_line_of_error(tmp_path):
+  result = muse_jax(
+    "reconstruct",
+    f"--checkpoint={ROOT / 'tests' / 'fixtures' / 'vq' / 'amused_tiny'}",
+    f"--images={tmp_path / 'missing'}",
+    f"--out={tmp_path / 'out'}",
+  )
+  assert result.returncode != 0
+  assert "muse-jax reconstruct: no folder of images at" in result.stderr
+  assert "Traceback" not in result.stderr

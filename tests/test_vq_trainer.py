@@ -300,3 +300,7 @@ def test_reconstruct_with_the_diffusers_fixture(fixtures_dir, tmp_path):
     reconstruct_folder(
       str(fixtures_dir / "vq" / "amused_tiny"), str(src), str(tmp_path / "o2"), size=33
     )
+  with pytest.raises(FileNotFoundError, match="no folder of images at .*missing"):
+    reconstruct_folder(
+      str(fixtures_dir / "vq" / "amused_tiny"), str(tmp_path / "missing"), str(tmp_path / "o3")
+    )

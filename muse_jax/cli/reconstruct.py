@@ -27,7 +27,10 @@ flags.mark_flags_as_required(["checkpoint", "images", "out"])
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise SystemExit(f"unexpected arguments: {argv[1:]}")
-  r = reconstruct_folder(_CHECKPOINT.value, _IMAGES.value, _OUT.value, _SIZE.value, _BATCH.value)
+  try:
+    r = reconstruct_folder(_CHECKPOINT.value, _IMAGES.value, _OUT.value, _SIZE.value, _BATCH.value)
+  except (FileNotFoundError, ValueError) as e:
+    raise SystemExit(f"muse-jax reconstruct: {e}") from None
   print(f"{r['files']} images -> {_OUT.value}")
   print(f"PSNR {r['psnr']:.2f} dB (uint8, mean over images)")
   print(f"codebook usage {r['codebook_usage']:.3f} ({r['codes_used']} codes)")

@@ -14,7 +14,10 @@ def reconstruct_folder(
   from muse_jax import images as images_lib
   from muse_jax.vq_tokenizer import load_tokenizer
 
-  files = sorted(p for p in pathlib.Path(images).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+  folder = pathlib.Path(images)
+  if not folder.is_dir():
+    raise FileNotFoundError(f"no folder of images at {images}")
+  files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
   if not files:
     raise FileNotFoundError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in {images}")
   tok = load_tokenizer(checkpoint)

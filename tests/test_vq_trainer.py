@@ -131,7 +131,7 @@ def _finetune_step_metrics(config, model, params, batch, code_neighbours=None):
   )  # fmt: skip
   state = vqgan_step.TrainState(jnp.int32(0), params, params, optax.identity().init(params),
                                 None, None, None, jnp.zeros(model.codebook_size))  # fmt: skip
-  return step(state, batch, None)[1]
+  return jax.jit(step)(state, batch, None)[1]
 
 
 def _finetune_step_rec_loss(config, model, params, batch, code_neighbours=None):

@@ -89,7 +89,7 @@ def test_gradients_reach_encoder_through_the_quantizer():
     recon, aux = model.apply({"params": p}, x)
     return jnp.mean((recon - x) ** 2) + aux["quantizer_loss"]
 
-  g = jax.grad(loss)(v["params"])
+  g = jax.jit(jax.grad(loss))(v["params"])
   for part in ("encoder", "decoder", "quantize"):
     assert float(sum(jnp.abs(t).sum() for t in jax.tree.leaves(g[part]))) > 0, part
 

@@ -2,7 +2,7 @@
 
   muse-jax demo --workdir /tmp/muse_demo                      # ~9 minutes on 2 cores
   muse-jax demo --workdir /tmp/demo_tiny --config=configs/demo.py:tiny   # a minute: the test's
-  muse-jax demo --workdir DIR --config.base.steps=3000         # longer training, better images
+  muse-jax demo --workdir DIR --config.base.steps=4400 --config.base.time_limit_s=1800  # better
 
 Every knob is overridable as `--config.a.b=value`. Stages that finished are reused on a
 second run (their `.done` markers in the workdir), so it then only generates.
@@ -30,7 +30,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # the flat colours and sharp corners faster than fewer large ones.
   c.tokenizer = dict(
     patch_size=4,
-    channels=(64, 128),
+    # Narrow levels: the tokenizer is short of steps, not of width. A step of (32, 64) takes
+    # 32 ms against 85 for (64, 128), and as many steps reconstruct as well, so it reaches
+    # the (64, 128) tokenizer's quality in 90 s instead of 150 and the base gets the
+    # difference (fresh single-object images reconstructed right: 93% either way, PSNR 29.1
+    # against 28.8 dB; with 150 s, ~4000 steps: 96%, 30.7 dB, but the demo as a whole drew
+    # no more right: 376, 312 and 351 of 600 against 343-368, and 362, 370 with the 60 s
+    # moved to the base).
+    channels=(32, 64),
     num_res_blocks=1,
     latent_channels=32,
     embed_dim=8,
@@ -40,13 +47,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # Pixel loss, "l2" or "l1". L1 at this learning rate: 18% of squares reconstructed
     # right, against 78% (PSNR 22 against 28).
     loss="l2",
-    # ~2000 steps fit in the time limit on 2 idle cores (1740-2024 measured). The tokenizer
-    # is short of steps: 4000 reconstruct 54 of 60 squares right against 43 (on one H200)
-    # and lift the whole demo from 348 to 382 of 600 single-object images, in 12.5 minutes.
-    steps=2200,
+    # ~2300 fit in the time limit on 2 cores (2298, 2319 measured). Trained alone on one
+    # H200, the (64, 128) tokenizer reconstructs 54 of 60 squares right with 4000 steps
+    # against 43 with 2000.
+    steps=2700,
     batch_size=8,
     lr=2e-3,
-    time_limit_s=150.0,
+    time_limit_s=90.0,
   )
   # After the base: the tokenizer's decoder trained again, encoder and codes frozen (paper
   # §2.5), on `pool` training images x `rounds` token grids of which a share (uniform in
@@ -74,7 +81,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # Base masked transformer over the 8x8 tokens.
   # The demo is compute-bound: 28% / 55% / 64% of single-object prompts come out right with
   # 4 / 12 / 28 minutes of training (benchmarks/demo_ceilings.py tells why). So the base gets
-  # what the 10 minutes leave (330 s), and the step is kept cheap: an MLP of 256 and 2 heads
+  # what the 10 minutes leave (390 s), and the step is kept cheap: an MLP of 256 and 2 heads
   # of 64 take 0.25 s a step, against 0.35 s for 512 and 4 heads of 32 (over three seeds,
   # 122/360 single-object images right against 104/360, with 240 s each). With the relative
   # bias and the MLP convolution below, an MLP of 512 still does no better: 339/600 against
@@ -89,10 +96,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     num_layers=4,
     num_heads=2,
     mlp_dim=256,
-    # ~850-1000 fit in the time limit on 2 cores (840-1008 measured with the MLP
-    # convolution; 1130-1147 before it). The schedule's end is not reached: a cosine of 950
+    # ~900-1150 fit in the time limit on 2 cores (897 and 974 measured on a slow day; in
+    # 330 s, 815-1008). The schedule's end is not reached: with 330 s, a cosine of 950
     # steps, closer to annealing fully, gave 317/600 at 840 steps (runs of 1250: 343, 368).
-    steps=1250,
+    steps=1480,
     batch_size=64,  # batch 16 x 4 times the steps did as well, not better
     lr=3e-3,  # measured against 1e-3: 23% of single-object prompts right, against 18%
     warmup_steps=50,
@@ -114,7 +121,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # 175, squares 17 against 21), though the step takes ~20% longer (941 steps against
     # 1158 in the 330 s).
     mlp_conv=True,
-    time_limit_s=330.0,
+    time_limit_s=390.0,
   )
 
   # Sampling and judging.

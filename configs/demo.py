@@ -2,7 +2,7 @@
 
   muse-jax demo --workdir /tmp/muse_demo                      # ~9 minutes on 2 cores
   muse-jax demo --workdir /tmp/demo_tiny --config=configs/demo.py:tiny   # a minute: the test's
-  muse-jax demo --workdir DIR --config.base.steps=4400 --config.base.time_limit_s=1800  # better
+  muse-jax demo --workdir DIR --config.base.steps=4400 --config.base.time_limit_s=1800  # 30 min
 
 Every knob is overridable as `--config.a.b=value`. Stages that finished are reused on a
 second run (their `.done` markers in the workdir), so it then only generates.
@@ -96,7 +96,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     num_layers=4,
     num_heads=2,
     mlp_dim=256,
-    # ~900-1150 fit in the time limit on 2 cores (897 and 974 measured on a slow day; in
+    # ~900-1200 fit in the time limit on 2 cores (897 and 974 measured on a slow day; in
     # 330 s, 815-1008). The schedule's end is not reached: with 330 s, a cosine of 950
     # steps, closer to annealing fully, gave 317/600 at 840 steps (runs of 1250: 343, 368).
     steps=1480,

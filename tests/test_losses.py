@@ -126,6 +126,14 @@ def test_blur_and_minibatch_std():
   b = blur(x)
   assert b.shape == x.shape
   np.testing.assert_allclose(b[:, 2:-2, 2:-2], 1.0, atol=1e-6)  # the filter sums to one
+  # The separable passes equal the 2D filter as one depthwise convolution.
+  z = jax.random.normal(jax.random.key(1), (2, 9, 7, 3))
+  k = np.outer([1.0, 3.0, 3.0, 1.0], [1.0, 3.0, 3.0, 1.0]) / 64.0
+  ref = jax.lax.conv_general_dilated(
+    z, jnp.tile(jnp.asarray(k, jnp.float32)[:, :, None, None], (1, 1, 1, 3)), (1, 1),
+    ((1, 2), (1, 2)), dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=3,
+  )  # fmt: skip
+  np.testing.assert_allclose(blur(z), ref, atol=1e-6)
   y = minibatch_stddev(jax.random.normal(jax.random.key(0), (8, 4, 4, 5)), group=4)
   assert y.shape == (8, 4, 4, 6)
   np.testing.assert_allclose(minibatch_stddev(x, 4)[..., -1], 1e-4, rtol=1e-3)  # no spread

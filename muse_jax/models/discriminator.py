@@ -32,20 +32,22 @@ def _lrelu(x: jax.Array) -> jax.Array:
   return nn.leaky_relu(x, 0.2)
 
 
+_BLUR_TAPS = (1.0 / 8, 3.0 / 8, 3.0 / 8, 1.0 / 8)  # binomial [1, 3, 3, 1] / 8
+
+
 def blur(x: jax.Array) -> jax.Array:
-  """Depthwise [1, 3, 3, 1]² / 64 filter with 'same'-style padding (1, 2)."""
-  k1 = jnp.array([1.0, 3.0, 3.0, 1.0], x.dtype)
-  k = jnp.outer(k1, k1) / 64.0
-  c = x.shape[-1]
-  kernel = jnp.tile(k[:, :, None, None], (1, 1, 1, c))  # HWIO with I = 1 per group
-  return jax.lax.conv_general_dilated(
-    x,
-    kernel,
-    (1, 1),
-    ((1, 2), (1, 2)),
-    dimension_numbers=("NHWC", "HWIO", "NHWC"),
-    feature_group_count=c,
-  )
+  """The [1, 3, 3, 1]² / 64 filter per channel, 'same'-style padding (1, 2).
+
+  The filter is separable, so it runs as a 4-tap pass down the rows and one along the
+  columns: shifted slices times constants, which XLA fuses into one loop. A depthwise
+  ``conv_general_dilated`` computes the same, but XLA's CPU backend runs grouped
+  convolutions ~13x slower (36 ms against 2.7 ms for [8, 64, 64, 16]), and they were
+  ~90% of a small discriminator's step there.
+  """
+  x = jnp.pad(x, ((0, 0), (1, 2), (1, 2), (0, 0)))
+  h, w = x.shape[1] - 3, x.shape[2] - 3
+  x = sum(t * x[:, i : i + h] for i, t in enumerate(_BLUR_TAPS))  # down the rows
+  return sum(t * x[:, :, i : i + w] for i, t in enumerate(_BLUR_TAPS))  # along the columns
 
 
 def _conv(

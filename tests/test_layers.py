@@ -203,6 +203,12 @@ def test_depthwise_conv3x3_is_xlas_depthwise_convolution():
   )  # fmt: skip
   got = layers.depthwise_conv3x3(x, kernel[:, :, None])
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+  # bfloat16 in, bfloat16 out, summed in float32: the float32 result rounded once.
+  xb, kb = x.astype(jnp.bfloat16), kernel.astype(jnp.bfloat16)
+  got = layers.depthwise_conv3x3(xb, kb[:, :, None])
+  assert got.dtype == jnp.bfloat16
+  exact = layers.depthwise_conv3x3(xb.astype(jnp.float32), kb[:, :, None].astype(jnp.float32))
+  np.testing.assert_array_equal(got, exact.astype(jnp.bfloat16))
 
 
 def test_mlp_conv_starts_as_the_plain_mlp_and_reaches_only_neighbours():

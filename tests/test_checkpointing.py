@@ -63,6 +63,18 @@ def test_round_trip_into_sharded_targets(tmp_path):
   assert json.loads((tmp_path / "config.json").read_text()) == {"model": {"width": 8}}
 
 
+def test_relative_directory(tmp_path, monkeypatch):
+  # `muse-jax sample --checkpoint run` from the run's parent: orbax refuses relative paths.
+  monkeypatch.chdir(tmp_path)
+  mesh = partitioning.make_mesh({"fsdp": 4, "data": 2})
+  with checkpointing.Checkpointer("run/checkpoints", save_every=1) as ckpt:
+    ckpt.save(1, _state(2.0))
+  assert (tmp_path / "run" / "checkpoints" / "1").is_dir()
+  with checkpointing.Checkpointer(pathlib.Path("run/checkpoints")) as ckpt:
+    got = ckpt.restore_or_none(_abstract(mesh))
+  jax.tree.map(np.testing.assert_array_equal, got.state, _state(2.0))
+
+
 def test_keeps_newest_and_partial_restore(tmp_path):
   with checkpointing.Checkpointer(tmp_path, save_every=1, keep=2, async_save=False) as ckpt:
     for step in range(1, 5):

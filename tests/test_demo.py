@@ -1,6 +1,7 @@
 """The demo end to end with a reduced budget (the `tiny` config), and its reuse of stages."""
 
 import json
+import pathlib
 
 import numpy as np
 from PIL import Image
@@ -13,9 +14,12 @@ from muse_jax.vq_tokenizer import load_tokenizer
 
 
 @pytest.mark.slow
-def test_tiny_demo_trains_generates_judges_and_reuses(tmp_path):
+def test_tiny_demo_trains_generates_judges_and_reuses(tmp_path, monkeypatch):
   config = demo_config.get_config("tiny")
-  report = demo.run(config, tmp_path)
+  # A workdir relative to the working directory, as a user types it.
+  monkeypatch.chdir(tmp_path.parent)
+  workdir = pathlib.Path(tmp_path.name)
+  report = demo.run(config, workdir)
   on_disk = json.loads((tmp_path / "report.json").read_text())
   assert on_disk["totals"] == report["totals"]
   # Every prompt form, seen and held-out pairs, each image judged and written.
@@ -42,7 +46,7 @@ def test_tiny_demo_trains_generates_judges_and_reuses(tmp_path):
   assert "single" in text and "held-out" in text and "by shape: circle" in text
 
   # A second run trains nothing and gives the same images (same seed, same checkpoints).
-  again = demo.run(config, tmp_path)
+  again = demo.run(config, workdir)
   assert set(again["timings_s"]) == {"generate + judge"}
   assert [e["correct"] for e in again["images"]] == [e["correct"] for e in report["images"]]
 

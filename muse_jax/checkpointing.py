@@ -130,7 +130,7 @@ class Checkpointer:
       raise ValueError(f"save_every must be >= 1; got {save_every}")
     if keep is not None and keep < 1:
       raise ValueError(f"keep must be >= 1 or None; got {keep}")
-    if "://" not in str(directory):  # orbax takes only absolute paths; a URL already is one
+    if "://" not in os.fspath(directory):  # orbax takes only absolute paths; a URL is one
       directory = os.path.abspath(directory)
     self.directory = directory
     self.save_every = save_every

@@ -23,6 +23,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from muse_jax.models.layers import shift
 from muse_jax.partitioning import CONV_IN, CONV_OUT
 
 Dtype = Any
@@ -39,15 +40,14 @@ def blur(x: jax.Array) -> jax.Array:
   """The [1, 3, 3, 1]² / 64 filter per channel, 'same'-style padding (1, 2).
 
   The filter is separable, so it runs as a 4-tap pass down the rows and one along the
-  columns: shifted slices times constants, which XLA fuses into one loop. A depthwise
+  columns: shifted copies times constants, which XLA fuses into one loop. A depthwise
   ``conv_general_dilated`` computes the same, but XLA's CPU backend runs grouped
   convolutions ~13x slower (36 ms against 2.7 ms for [8, 64, 64, 16]), and they were
   ~90% of a small discriminator's step there.
   """
-  x = jnp.pad(x, ((0, 0), (1, 2), (1, 2), (0, 0)))
-  h, w = x.shape[1] - 3, x.shape[2] - 3
-  x = sum(t * x[:, i : i + h] for i, t in enumerate(_BLUR_TAPS))  # down the rows
-  return sum(t * x[:, :, i : i + w] for i, t in enumerate(_BLUR_TAPS))  # along the columns
+  for axis in (1, 2):  # down the rows, then along the columns
+    x = sum(t * shift(x, i - 1, axis) for i, t in enumerate(_BLUR_TAPS))
+  return x
 
 
 def _conv(

@@ -325,11 +325,8 @@ def depthwise_conv3x3(x: jax.Array, kernel: jax.Array) -> jax.Array:
   """
   x32, k32 = x.astype(jnp.float32), kernel[:, :, 0].astype(jnp.float32)  # k32 [3, 3, C]
   columns = [shift(x32, j - 1, axis=2) for j in range(3)]  # x[b, y, x + j - 1, c]
-  out = jnp.zeros_like(x32)
-  for i in range(3):
-    row = sum(columns[j] * k32[i, j] for j in range(3))
-    out = out + shift(row, i - 1, axis=1)
-  return out.astype(x.dtype)
+  rows = [sum(columns[j] * k32[i, j] for j in range(3)) for i in range(3)]  # r_i
+  return sum(shift(r, i - 1, axis=1) for i, r in enumerate(rows)).astype(x.dtype)
 
 
 class Mlp(nn.Module):

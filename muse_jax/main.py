@@ -5,13 +5,13 @@ Each subcommand lives in `muse_jax/cli/<name>.py`, which defines its absl flags 
 heavy imports) never slow down another. The logic is in libraries that are tested.
 """
 
-from collections.abc import MutableMapping
+from collections.abc import Callable, MutableMapping
 import importlib
 import os
 import pathlib
 import sys
 
-from absl import app, flags
+from absl import app, flags, logging
 
 # name -> (module, one line of help). Keep sorted by the order a user meets them.
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -54,6 +54,25 @@ COMMANDS: dict[str, tuple[str, str]] = {
   ),
 }
 
+# Commands whose terminal output is for a person (their own lines, progress bars and one
+# summary), run with absl logging at WARNING: restoring one checkpoint otherwise prints
+# ~45 INFO lines of orbax's into the progress bar. `-v 0` brings INFO back. The trainers
+# and data jobs keep INFO: their log lines are the run's record.
+QUIET_COMMANDS = frozenset(
+  {"demo", "sample", "inpaint", "outpaint", "edit", "make-shapes", "reconstruct", "convert"}
+)
+
+
+def quiet_unless_asked(main: Callable[[list[str]], None]) -> Callable[[list[str]], None]:
+  """``main`` run with logging at WARNING unless ``--verbosity`` / ``-v`` was given."""
+
+  def quiet_main(argv: list[str]) -> None:
+    if not flags.FLAGS["verbosity"].present:
+      logging.set_verbosity(logging.WARNING)
+    main(argv)
+
+  return quiet_main
+
 
 def enable_compile_cache(environ: MutableMapping[str, str] = os.environ) -> None:
   """Turns on JAX's persistent compilation cache unless the user configured it.
@@ -75,7 +94,8 @@ def _usage() -> str:
   return (
     "usage: muse-jax COMMAND [--flag=value ...]\n\ncommands:\n"
     + "\n".join(lines)
-    + "\n\n`muse-jax COMMAND --help` explains a command's flags."
+    + "\n\n`muse-jax COMMAND --help` explains a command's flags. The commands that make"
+    + "\nimages show their own progress only; `-v 0` adds the libraries' INFO logs."
   )
 
 
@@ -97,7 +117,8 @@ def run(argv: list[str] | None = None) -> None:
     doc = (module.__doc__ or COMMANDS[name][1]).strip()
     print(f"usage: {prog} [--flag=value ...]\n\n{doc}\n\nflags:\n{flags.FLAGS.module_help(module)}")
     return
-  app.run(module.main, argv=[prog, *argv[2:]])
+  main = quiet_unless_asked(module.main) if name in QUIET_COMMANDS else module.main
+  app.run(main, argv=[prog, *argv[2:]])
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
 import os
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -46,6 +47,9 @@ def test_sample_writes_a_captioned_grid_and_each_image(run, tmp_path):
                     "--num-images=2", "--save-each", f"--out={out}", "--num-steps=2")  # fmt: skip
   assert result.returncode == 0, result.stderr
   assert "wrote 4 image(s) of 16x16" in result.stdout
+  # Progress bars and results only: no INFO lines of the libraries' (orbax logs ~45 per
+  # checkpoint it restores) unless -v asks for them.
+  assert not re.search(r"^I\d{4} ", result.stderr, re.M), result.stderr[:2000]
   assert Image.open(out).size[0] > 2 * 16
   each = sorted(tmp_path.glob("grid-*.png"))
   assert len(each) == 4 and Image.open(each[0]).size == (16, 16)
@@ -55,7 +59,7 @@ def test_editing_commands_write_images(run, photo, tmp_path):
   for command, extra in [
     ("inpaint", [f"--image={photo / 'photo.png'}", f"--mask={photo / 'mask.png'}"]),
     ("outpaint", [f"--image={photo / 'photo.png'}", "--direction=left,up", "--size=4"]),
-    ("edit", [f"--image={photo / 'photo.png'}", "--iterations=2"]),
+    ("edit", [f"--image={photo / 'photo.png'}", "--iterations=2", "-v", "0"]),
   ]:
     out = tmp_path / f"{command}.png"
     result = muse_jax(
@@ -63,6 +67,8 @@ def test_editing_commands_write_images(run, photo, tmp_path):
     )
     assert result.returncode == 0, f"{command}: {result.stderr}"
     assert out.is_file()
+    # -v 0 (edit) brings the INFO logs back; the others stay quiet.
+    assert bool(re.search(r"^I\d{4} ", result.stderr, re.M)) == (command == "edit"), command
 
 
 @pytest.mark.parametrize(

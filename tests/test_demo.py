@@ -14,7 +14,7 @@ from muse_jax.vq_tokenizer import load_tokenizer
 
 
 @pytest.mark.slow
-def test_tiny_demo_trains_generates_judges_and_reuses(tmp_path, monkeypatch):
+def test_tiny_demo_trains_generates_judges_and_reuses(tmp_path, monkeypatch, capsys):
   config = demo_config.get_config("tiny")
   # A workdir relative to the working directory, as a user types it.
   monkeypatch.chdir(tmp_path.parent)
@@ -46,8 +46,10 @@ def test_tiny_demo_trains_generates_judges_and_reuses(tmp_path, monkeypatch):
   assert "single" in text and "held-out" in text and "by shape: circle" in text
 
   # A second run trains nothing and gives the same images (same seed, same checkpoints).
+  capsys.readouterr()
   again = demo.run(config, workdir)
   assert set(again["timings_s"]) == {"generate + judge"}
+  assert f"[demo] base: reusing {workdir / 'base'}" in capsys.readouterr().out
   assert [e["correct"] for e in again["images"]] == [e["correct"] for e in report["images"]]
 
   _check_refilled_batches(config, tmp_path)

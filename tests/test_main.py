@@ -65,6 +65,11 @@ def test_every_command_imports_and_explains_its_flags():
     assert section.count("  --") >= 1, f"{name} --help lists no flags"
 
 
+def test_quiet_commands_are_commands():
+  assert main.QUIET_COMMANDS <= set(main.COMMANDS)
+  assert not {"train", "train-vq"} & main.QUIET_COMMANDS  # their logs are the run's record
+
+
 def test_unknown_command_names_the_known_ones():
   result = muse_jax("smaple")
   assert result.returncode != 0

@@ -18,7 +18,6 @@ import json
 import pathlib
 import time
 
-from absl import logging
 import ml_collections
 
 from muse_jax import runs
@@ -41,7 +40,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict:
   for name, stage in STAGES:
     marker = workdir / f"{name}.done"
     if marker.exists():
-      logging.info("demo: reusing %s from %s", name, workdir / name)
+      print(f"[demo] {name}: reusing {workdir / name}", flush=True)
       continue
     print(f"[demo] {name} ...", flush=True)
     start = time.monotonic()

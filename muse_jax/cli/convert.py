@@ -41,6 +41,7 @@ def main(argv: list[str]) -> None:
     raise app.UsageError("--src and --dst are both required")
   from muse_jax.convert.amused import ConversionError, convert_amused
 
+  print(f"converting {_SRC.value} into {_DST.value} ...", flush=True)  # ~a minute at full size
   try:
     done = convert_amused(
       _SRC.value,

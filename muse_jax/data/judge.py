@@ -228,7 +228,7 @@ def judge(image, caption: str, *, relation_margin: float = 0.05) -> Verdict:
     colour, shape = want.pairs[0]
     for d in found:
       if (d.colour, d.shape) != (colour, shape):
-        return fail(f"expected only {colour} {shape}s, found a {d}; all: {listing}")
+        return fail(f"expected only {colour} {shape}s, found {d}; all: {listing}")
     return Verdict(True, "", tuple(found))
 
   a, b = want.pairs

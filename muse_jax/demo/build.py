@@ -192,6 +192,7 @@ def write_pipeline(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> 
     text_max_length=config.text.max_length,
     base=BASE,
     base_sampler=dict(
+      schedule=s.schedule,
       num_steps=s.num_steps,
       guidance_scale=s.guidance_scale,
       guidance_schedule=s.guidance_schedule,

@@ -14,6 +14,7 @@ import pathlib
 
 import ml_collections
 import numpy as np
+import tqdm
 
 from muse_jax import images
 from muse_jax.data import shapes
@@ -56,12 +57,12 @@ def generate(pipeline: MusePipeline, texts: list[str], n: int, seed: int) -> np.
   """n images per prompt, in calls of at most MAX_IMAGES_PER_CALL images."""
   per_call = max(1, MAX_IMAGES_PER_CALL // n)
   chunks = [texts[i : i + per_call] for i in range(0, len(texts), per_call)]
-  return np.concatenate(
-    [
-      pipeline.generate(chunk, seed=seed + i, num_images_per_prompt=n)
-      for i, chunk in enumerate(chunks)
-    ]
-  )
+  pictures = []
+  with tqdm.tqdm(total=len(texts) * n, desc="generate", unit="img") as bar:
+    for i, chunk in enumerate(chunks):
+      pictures.append(pipeline.generate(chunk, seed=seed + i, num_images_per_prompt=n))
+      bar.update(len(pictures[-1]))
+  return np.concatenate(pictures)
 
 
 def object_box_mask(obj: shapes.ShapeObject, size: int) -> np.ndarray:

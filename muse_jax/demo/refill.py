@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import tqdm
 
 from muse_jax import partitioning, stages
 from muse_jax.text import TextEncoder
@@ -67,6 +68,7 @@ class RefilledBatches:
 
     key = jax.random.key(seed)
     images, fills = [], []
+    bar = tqdm.tqdm(total=options.pool, desc="refill", unit="img")
     for start in range(0, options.pool, _CHUNK):
       examples = [source[i] for i in range(start, min(start + _CHUNK, options.pool))]
       pictures = np.stack([e["image"] for e in examples])  # uint8 [n, S, S, 3]
@@ -78,6 +80,8 @@ class RefilledBatches:
         rounds.append(np.asarray(refill(params, ids, text, *round_keys)))
       images.append(pictures)
       fills.append(np.stack(rounds, axis=1))  # [n, rounds, L]
+      bar.update(len(examples))
+    bar.close()
     self.images = np.concatenate(images)
     grid = self.images.shape[1] // tokenizer.model.downsample_factor
     self.fills = np.concatenate(fills).reshape(len(self.images), options.rounds, grid, grid)

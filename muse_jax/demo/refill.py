@@ -68,20 +68,19 @@ class RefilledBatches:
 
     key = jax.random.key(seed)
     images, fills = [], []
-    bar = tqdm.tqdm(total=options.pool, desc="refill", unit="img")
-    for start in range(0, options.pool, _CHUNK):
-      examples = [source[i] for i in range(start, min(start + _CHUNK, options.pool))]
-      pictures = np.stack([e["image"] for e in examples])  # uint8 [n, S, S, 3]
-      ids = jnp.asarray(tokenizer.encode(pictures)).reshape(len(examples), -1)  # [n, L]
-      text = text_encoder.encode([e["caption"] for e in examples])
-      rounds = []
-      for _ in range(options.rounds):
-        key, *round_keys = jax.random.split(key, 4)
-        rounds.append(np.asarray(refill(params, ids, text, *round_keys)))
-      images.append(pictures)
-      fills.append(np.stack(rounds, axis=1))  # [n, rounds, L]
-      bar.update(len(examples))
-    bar.close()
+    with tqdm.tqdm(total=options.pool, desc="refill", unit="img") as bar:
+      for start in range(0, options.pool, _CHUNK):
+        examples = [source[i] for i in range(start, min(start + _CHUNK, options.pool))]
+        pictures = np.stack([e["image"] for e in examples])  # uint8 [n, S, S, 3]
+        ids = jnp.asarray(tokenizer.encode(pictures)).reshape(len(examples), -1)  # [n, L]
+        text = text_encoder.encode([e["caption"] for e in examples])
+        rounds = []
+        for _ in range(options.rounds):
+          key, *round_keys = jax.random.split(key, 4)
+          rounds.append(np.asarray(refill(params, ids, text, *round_keys)))
+        images.append(pictures)
+        fills.append(np.stack(rounds, axis=1))  # [n, rounds, L]
+        bar.update(len(examples))
     self.images = np.concatenate(images)
     grid = self.images.shape[1] // tokenizer.model.downsample_factor
     self.fills = np.concatenate(fills).reshape(len(self.images), options.rounds, grid, grid)

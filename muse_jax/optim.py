@@ -16,6 +16,17 @@ leaves open, all overridable in the config:
   to matrices only (ndim >= 2: kernels and embeddings, not biases or norm scales);
 * no scaling of updates by the parameter's RMS (the paper's lr 1e-4 is Adam-like).
 
+Besides Adafactor and AdamW, ``name="muon"`` trains the hidden weight matrices with Muon
+(Jordan et al. 2024; ``optax.contrib.muon``): the momentum of each matrix is replaced by
+its nearest semi-orthogonal matrix (Newton-Schulz iterations), so that every direction of
+the matrix learns at the same rate, and rescaled to AdamW's update RMS (Liu et al. 2025,
+"Muon is scalable", ``consistent_rms`` 0.2), so AdamW's learning rate and weight decay
+carry over. Which axes of a parameter form the matrix comes from its logical axis names
+(``muon_dimensions``); embeddings, output heads, position tables, biases and norm scales
+stay with AdamW (with Nesterov momentum and no weight decay, as ``optax.contrib.muon``
+builds its AdamW part). On the demo's base it reaches a lower loss in fewer steps than AdamW
+(docs/demo.md).
+
 Factored second moments are stored with ``keepdims`` ([R, 1] and [1, C] for an
 [R, C] kernel), so every optimizer-state leaf has its parameter's rank and its
 sharding follows from the parameter's (see ``opt_state_shardings``).
@@ -38,6 +49,9 @@ import jax.numpy as jnp
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 import optax
+from optax.contrib import MuonDimensionNumbers
+
+from muse_jax.partitioning import CONV_IN, HEAD_DIM, HEADS, LAYERS, LENGTH, NORM, REL_POS, VOCAB
 
 Schedule = Callable[[jax.Array], jax.Array]
 
@@ -201,15 +215,53 @@ def adafactor(
   return optax.chain(*parts)
 
 
-def make_optimizer(config: Any, total_steps: int) -> tuple[optax.GradientTransformation, Schedule]:
+# ---------------------------------------------------------------------------
+# Muon for the hidden weight matrices.
+
+# Axes that make a parameter a table rather than a map between hidden widths: Muon's
+# equal-rate updates suit the latter (Jordan et al.; Liu et al. keep embeddings and the
+# output head on AdamW).
+_NOT_MUON = frozenset({VOCAB, LENGTH, REL_POS, NORM})
+
+
+def muon_dimensions(axes: tuple[str | None, ...]) -> MuonDimensionNumbers | None:
+  """Which axes of a parameter Muon treats as the matrix's inputs and outputs, or None.
+
+  From the parameter's logical axis names (one per dim):
+  - convolution kernels (``CONV_IN`` present, layout HWIO): inputs H, W, I; output O;
+  - attention output projections ``(HEADS, HEAD_DIM, EMBED)``: inputs HEADS and HEAD_DIM;
+  - other kernels (``(EMBED, MLP)``, ``(EMBED, HEADS, HEAD_DIM)``, ...): the first axis in;
+  - ``LAYERS`` (stacked layers of ``nn.scan``) is a batch axis: each layer on its own;
+  - None (AdamW) for vectors, tables (``_NOT_MUON``) and kernels with unnamed axes other
+    than a convolution's (the depthwise convolution, relative position biases).
+  """
+  axes = tuple(axes)
+  dims = [i for i, name in enumerate(axes) if name != LAYERS]
+  if len(dims) < 2 or _NOT_MUON & set(axes):
+    return None
+  if CONV_IN in axes:
+    return MuonDimensionNumbers(tuple(dims[:-1]), (dims[-1],))
+  if None in axes:
+    return None
+  inputs = [i for i in dims if axes[i] in (HEADS, HEAD_DIM)] if axes[dims[0]] == HEADS else dims[:1]
+  return MuonDimensionNumbers(tuple(inputs), tuple(i for i in dims if i not in inputs))
+
+
+def make_optimizer(
+  config: Any, total_steps: int, logical_axes: Any = None
+) -> tuple[optax.GradientTransformation, Schedule]:
   """Builds the optimizer an ``optim`` config section describes.
 
   Args:
-    config: fields ``name`` ("adafactor", "adamw" or "adam"), ``lr``,
+    config: fields ``name`` ("adafactor", "adamw", "adam" or "muon"), ``lr``,
       ``warmup_steps``, ``schedule`` ("cosine"/"constant"), ``end_lr_factor``,
       ``b1``, ``b2``, ``weight_decay``, ``grad_clip_norm`` (0 or None: off),
-      ``eps`` and, optionally, ``momentum_dtype`` ("float32"/"bfloat16").
+      ``eps`` and, optionally, ``momentum_dtype`` ("float32"/"bfloat16"). For
+      "muon": ``b1`` and ``b2`` are the AdamW part's, weight decay applies to the
+      Muon matrices only, and ``muon_beta`` (default 0.95) is Muon's momentum.
     total_steps: length of the run, for the schedule.
+    logical_axes: for "muon" only: the parameters' logical axis names, a tree like the
+      parameters of tuples (``nn.get_partition_spec`` of the boxed ``eval_shape``).
 
   Returns:
     ``(tx, schedule)``; ``schedule(step)`` is the learning rate, for logging.
@@ -243,12 +295,35 @@ def make_optimizer(config: Any, total_steps: int) -> tuple[optax.GradientTransfo
       mu_dtype=momentum_dtype,
       mask=_matrices,
     )
+  elif name == "muon":
+    if logical_axes is None:
+      raise ValueError(
+        "optim.name='muon' needs the parameters' logical axis names (logical_axes), and this "
+        "trainer passes none; expected 'adafactor', 'adamw' or 'adam' here"
+      )
+    dimensions = jax.tree.map(
+      lambda spec: muon_dimensions(tuple(spec)), logical_axes, is_leaf=_is_spec
+    )
+    tx = optax.contrib.muon(
+      schedule,
+      beta=config.get("muon_beta", 0.95),
+      weight_decay=config.weight_decay,
+      mu_dtype=momentum_dtype,
+      adam_b1=config.b1,
+      adam_b2=config.b2,
+      muon_weight_dimension_numbers=dimensions,
+      consistent_rms=0.2,  # AdamW's update RMS, so that its lr and weight decay carry over
+    )
   else:
-    raise ValueError(f"unknown optimizer {name!r}; expected 'adafactor', 'adamw' or 'adam'")
+    raise ValueError(f"unknown optimizer {name!r}; expected 'adafactor', 'adamw', 'adam' or 'muon'")
   clip = config.get("grad_clip_norm", None)
   if clip:
     tx = optax.chain(optax.clip_by_global_norm(clip), tx)
   return tx, schedule
+
+
+def _is_spec(x: Any) -> bool:
+  return isinstance(x, (tuple, P))
 
 
 # ---------------------------------------------------------------------------
@@ -260,8 +335,10 @@ def opt_state_shardings(abstract_opt_state: Any, param_shardings: Any) -> Any:
 
   Every subtree of the optimizer state shaped like the parameter tree (Adam's mu
   and nu, Adafactor's statistics, momentum) gets, leaf by leaf, the sharding of
-  its parameter, with the mesh axes of size-1 (reduced) dims dropped. Everything
-  else (step counts) is replicated.
+  its parameter, with the mesh axes of size-1 (reduced) dims dropped. A subtree of a
+  partitioned optimizer (Muon's, ``optax.partition``) holds ``optax.MaskedNode``s in
+  place of the other part's parameters; they stay as they are. Everything else (step
+  counts) is replicated.
 
   Args:
     abstract_opt_state: ``jax.eval_shape(tx.init, params)``.
@@ -271,10 +348,14 @@ def opt_state_shardings(abstract_opt_state: Any, param_shardings: Any) -> Any:
   mesh = jax.tree.leaves(param_shardings)[0].mesh
   replicated = NamedSharding(mesh, P())
 
+  masked = lambda x: isinstance(x, optax.MaskedNode)
+
   def like_params(node: Any) -> bool:
-    return not hasattr(node, "shape") and jax.tree.structure(node) == param_def
+    return not hasattr(node, "shape") and jax.tree.structure(node, is_leaf=masked) == param_def
 
   def leaf(x, sharding):
+    if masked(x):
+      return x
     spec = tuple(sharding.spec) + (None,) * (x.ndim - len(sharding.spec))
     if len(spec) != x.ndim:
       return replicated
@@ -284,7 +365,7 @@ def opt_state_shardings(abstract_opt_state: Any, param_shardings: Any) -> Any:
 
   def node(x):
     if like_params(x):
-      return jax.tree.map(leaf, x, param_shardings)
+      return jax.tree.map(leaf, x, param_shardings, is_leaf=masked)
     return replicated
 
   return jax.tree.map(

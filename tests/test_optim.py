@@ -1,4 +1,4 @@
-"""Optimizers: schedule shape, Adafactor math and state sharding, accumulation."""
+"""Optimizers: schedule shape, Adafactor math, Muon's matrices, state sharding, accumulation."""
 
 import jax
 import jax.numpy as jnp
@@ -7,6 +7,7 @@ from jax.sharding import PartitionSpec as P
 import ml_collections
 import numpy as np
 import optax
+from optax.contrib import MuonDimensionNumbers as Muon
 import pytest
 
 from muse_jax import optim, partitioning
@@ -68,9 +69,10 @@ def test_factored_rms_matches_bias_corrected_ema():
   np.testing.assert_allclose(u["w"], np.ones((8, 6)), rtol=1e-5)
 
 
-@pytest.mark.parametrize("name", ["adafactor", "adamw"])
+@pytest.mark.parametrize("name", ["adafactor", "adamw", "muon"])
 def test_optimizers_minimise_a_quadratic(name):
-  tx, _ = optim.make_optimizer(_config(name=name, lr=0.1, warmup_steps=0, weight_decay=0.0), 200)
+  config = _config(name=name, lr=0.1, warmup_steps=0, weight_decay=0.0)
+  tx, _ = optim.make_optimizer(config, 200, logical_axes={"w": P("embed", "mlp")})
   target = jnp.linspace(-1.0, 1.0, 128 * 4).reshape(128, 4)
   params = {"w": jnp.zeros((128, 4))}
   state = tx.init(params)
@@ -95,6 +97,62 @@ def test_weight_decay_only_on_matrices():
   np.testing.assert_allclose(updates["b"], np.zeros(4))
 
 
+@pytest.mark.parametrize(
+  "axes, want",
+  [
+    (("embed", "heads", "head_dim"), Muon((0,), (1, 2))),  # q, k, v projections
+    (("heads", "head_dim", "embed"), Muon((0, 1), (2,))),  # attention output
+    (("embed", "mlp"), Muon((0,), (1,))),
+    (("text_embed", "embed"), Muon((0,), (1,))),
+    (("layers", "mlp", "embed"), Muon((1,), (2,))),  # nn.scan's stack: one matrix per layer
+    ((None, None, "conv_in", "conv_out"), Muon((0, 1, 2), (3,))),  # HWIO
+    ((None, None, "conv_in", None), Muon((0, 1, 2), (3,))),  # a narrow, unsharded conv
+    (("vocab", "embed"), None),  # token embedding
+    (("embed", "vocab"), None),  # output head
+    (("length", "embed"), None),  # position table
+    ((None, "heads"), None),  # relative position bias
+    ((None, None, "mlp"), None),  # depthwise convolution
+    (("embed",), None),
+    ((), None),  # a parameter without axis names
+  ],
+)
+def test_muon_dimensions_from_axis_names(axes, want):
+  assert optim.muon_dimensions(axes) == want
+
+
+def test_muon_needs_axis_names():
+  with pytest.raises(ValueError, match="logical axis names"):
+    optim.make_optimizer(_config(name="muon"), 10)
+
+
+def test_muon_orthogonalises_matrices_and_leaves_tables_to_adamw():
+  """One step from zero momentum: a Muon matrix moves by an orthogonalised gradient (its
+  singular values near 1), at AdamW's update RMS (0.2 x lr); a table moves as AdamW moves it."""
+  config = _config(name="muon", lr=1.0, warmup_steps=0, weight_decay=0.0, grad_clip_norm=None)
+  axes = {"w": P("embed", "mlp"), "table": P("vocab", "embed")}
+  tx, _ = optim.make_optimizer(config, 10, logical_axes=axes)
+  rng = np.random.default_rng(0)
+  grads = {
+    k: jnp.asarray(rng.normal(size=(64, 32)) * [[1.0] * 16 + [9.0] * 16], jnp.float32) for k in axes
+  }
+  params = jax.tree.map(jnp.zeros_like, grads)
+  updates, _ = tx.update(grads, tx.init(params), params)
+  spread = lambda m: (lambda sv: sv.max() / sv.min())(
+    np.linalg.svd(np.asarray(m), compute_uv=False)
+  )
+  # Muon's quintic Newton-Schulz leaves singular values in ~[0.7, 1.2] by design.
+  assert spread(grads["w"]) > 20 and spread(updates["w"]) < 2, (
+    spread(grads["w"]),
+    spread(updates["w"]),
+  )
+  np.testing.assert_allclose(np.sqrt(np.mean(np.square(updates["w"]))), 0.2, rtol=0.2)
+  # The AdamW part is Nesterov's (as optax.contrib.muon builds it): its first step is
+  # -lr * (1 + b1 (1 - b1) / (1 - b1^2)) * sign(g), the bias corrections making m / sqrt(v) = g / |g|.
+  b1 = config.b1
+  first = 1 + b1 * (1 - b1) / (1 - b1**2)
+  np.testing.assert_allclose(updates["table"], -first * np.sign(grads["table"]), rtol=1e-4)
+
+
 def test_opt_state_shardings_follow_params():
   mesh = partitioning.make_mesh({"fsdp": 4, "tensor": 2})
   params = {
@@ -116,6 +174,28 @@ def test_opt_state_shardings_follow_params():
   # The state can actually be created with these shardings.
   state = jax.jit(tx.init, out_shardings=out)(jax.tree.map(lambda s: jnp.zeros(s.shape), params))
   assert jax.tree.structure(state) == jax.tree.structure(out)
+
+
+def test_muon_state_shardings_follow_params():
+  """Muon's momentum and the AdamW part's moments live where their parameters do; each
+  part's placeholders for the other part's parameters (optax.MaskedNode) stay."""
+  mesh = partitioning.make_mesh({"fsdp": 4, "tensor": 2})
+  params = {
+    "k": jax.ShapeDtypeStruct((256, 512), jnp.float32),
+    "e": jax.ShapeDtypeStruct((512, 64), jnp.float32),
+  }
+  shardings = {"k": NamedSharding(mesh, P("fsdp", "tensor")), "e": NamedSharding(mesh, P("tensor"))}
+  axes = {"k": P("embed", "mlp"), "e": P("vocab", "embed")}
+  tx, _ = optim.make_optimizer(_config(name="muon"), 100, logical_axes=axes)
+  abstract = jax.eval_shape(tx.init, params)
+  out = optim.opt_state_shardings(abstract, shardings)
+  flat = {jax.tree_util.keystr(p): s.spec for p, s in jax.tree_util.tree_flatten_with_path(out)[0]}
+  muon_k = [s for k, s in flat.items() if "'muon'" in k and "['k']" in k]
+  adam_e = [s for k, s in flat.items() if "'adam'" in k and "['e']" in k]
+  assert muon_k == [P("fsdp", "tensor")], flat  # its momentum
+  assert adam_e == [P("tensor", None)] * 2, flat  # mu and nu
+  state = jax.jit(tx.init, out_shardings=out)(jax.tree.map(lambda s: jnp.zeros(s.shape), params))
+  assert jax.tree.structure(state) == jax.tree.structure(out) == jax.tree.structure(abstract)
 
 
 def test_accumulated_gradients_equal_full_batch():

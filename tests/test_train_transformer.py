@@ -5,6 +5,7 @@ a tiny model overfits a fixed batch, a NaN stops the run and keeps the last good
 import importlib.util
 import pathlib
 
+import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -70,11 +71,10 @@ class _Killed(Exception):
   pass
 
 
-def test_kill_and_resume_equals_uninterrupted(sharded_run, tmp_path, monkeypatch):
-  config = tiny_config(shape={"data": 1, "fsdp": 2, "tensor": 4})
-  make_batches = token_batches.make_batches
+def _dies_at_step_5(make_batches):
+  """``make_batches`` whose data kills the job when it fetches the batch of step 5."""
 
-  def dies_at_step_5(*args, **kwargs):
+  def dying(*args, **kwargs):
     data = make_batches(*args, **kwargs)
     real_next = data.__next__
 
@@ -87,7 +87,13 @@ def test_kill_and_resume_equals_uninterrupted(sharded_run, tmp_path, monkeypatch
     data.__class__ = Dying
     return data
 
-  monkeypatch.setattr(token_batches, "make_batches", dies_at_step_5)
+  return dying
+
+
+def test_kill_and_resume_equals_uninterrupted(sharded_run, tmp_path, monkeypatch):
+  config = tiny_config(shape={"data": 1, "fsdp": 2, "tensor": 4})
+  make_batches = token_batches.make_batches
+  monkeypatch.setattr(token_batches, "make_batches", _dies_at_step_5(make_batches))
   with pytest.raises(_Killed):
     trainer.train_and_evaluate(config, tmp_path)
   assert checkpointing.Checkpointer(tmp_path / "checkpoints").latest_step() == 4
@@ -97,6 +103,39 @@ def test_kill_and_resume_equals_uninterrupted(sharded_run, tmp_path, monkeypatch
   _, uninterrupted = final_params(sharded_run)
   jax.tree.map(
     lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-7), resumed, uninterrupted
+  )
+
+
+def test_muon_trains_sharded_and_resumes(tmp_path, monkeypatch):
+  """Muon's state (momentum for the matrices, AdamW moments for the rest) is sharded,
+  checkpointed and restored like AdamW's: killed after step 4 and resumed, the run ends
+  where an uninterrupted one does, and the matrices moved."""
+
+  def config():
+    c = tiny_config(shape={"data": 1, "fsdp": 2, "tensor": 4})
+    c.optim.update(name="muon", lr=1e-2, warmup_steps=1)
+    return c
+
+  whole = tmp_path / "whole"
+  trainer.train_and_evaluate(config(), whole)
+  make_batches = token_batches.make_batches
+  monkeypatch.setattr(token_batches, "make_batches", _dies_at_step_5(make_batches))
+  with pytest.raises(_Killed):
+    trainer.train_and_evaluate(config(), tmp_path / "resumed")
+  monkeypatch.setattr(token_batches, "make_batches", make_batches)
+  trainer.train_and_evaluate(config(), tmp_path / "resumed")
+  (_, a), (_, b) = final_params(whole), final_params(tmp_path / "resumed")
+  jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6), a, b)
+  with checkpointing.Checkpointer(whole / "checkpoints") as ckpt:
+    first = ckpt.restore_or_none({"params": ckpt.saved_tree(2)["params"]}, step=2, partial=True)
+  moved = jax.tree.map(lambda x, y: float(np.abs(x - y).max()), first.state["params"], a)
+  assert (
+    min(
+      v
+      for k, v in flax.traverse_util.flatten_dict(moved, sep="/").items()
+      if k.endswith("wi/kernel")
+    )
+    > 1e-4
   )
 
 

@@ -9,7 +9,7 @@ One trainer serves both models; they differ in the model and in one batch field
    unconditional embedding, which is what classifier-free guidance needs at sampling;
 3. predicts every position and takes the cross-entropy on the masked ones only
    (optional label smoothing), averaged over micro-batches when accumulating;
-4. applies Adafactor (or AdamW) with warmup + cosine decay (``muse_jax.optim``).
+4. applies Adafactor (or AdamW, or Muon) with warmup + cosine decay (``muse_jax.optim``).
 
 Scale: parameters carry logical axis names; the config's mesh (data, fsdp, tensor)
 and rules turn them into shardings. The train state is created already sharded
@@ -104,7 +104,7 @@ def base_config() -> ml_collections.ConfigDict:
     time_limit_s=0.0,  # Stop (saving a checkpoint) this long after the call began (0: none).
   )
   c.optim = dict(
-    name="adafactor",
+    name="adafactor",  # or "adamw", "adam", "muon" (optim.make_optimizer)
     lr=1e-4,
     warmup_steps=5000,
     schedule="cosine",
@@ -351,7 +351,8 @@ def train_and_evaluate(
   mesh, rules = mesh_and_rules(config)
   t = config.train
   model = make_model(config.model)
-  tx, schedule = optim.make_optimizer(config.optim, t.steps)
+  axes = nn.get_partition_spec(abstract_params(config))  # Muon's matrices are read from them
+  tx, schedule = optim.make_optimizer(config.optim, t.steps, axes)
   local_batch = common.local_batch_size(t.batch_size)
   batch_devices = mesh.shape[partitioning.DATA] * mesh.shape[partitioning.FSDP]
   if t.batch_size % batch_devices or (t.batch_size // t.grad_accum) % batch_devices:

@@ -163,8 +163,7 @@ def base_trainer_config(
   )
   c.train.update(steps=b.steps, batch_size=b.batch_size, log_every=50, ckpt_every=b.steps, keep=1,
                  keep_every=0, time_limit_s=b.time_limit_s)  # fmt: skip
-  # AdamW: at this size and step count it converges faster than Adafactor.
-  c.optim.update(name="adamw", lr=b.lr, warmup_steps=b.warmup_steps, weight_decay=0.01, b2=0.99)
+  c.optim.update(name=b.optimizer, lr=b.lr, warmup_steps=b.warmup_steps, weight_decay=0.01, b2=0.99)
   c.mesh.shape = dict(data=-1, fsdp=1, tensor=1)
   c.mesh.num_devices = _batch_devices(b.batch_size)
   return c

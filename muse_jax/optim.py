@@ -298,8 +298,8 @@ def make_optimizer(
   elif name == "muon":
     if logical_axes is None:
       raise ValueError(
-        "optim.name='muon' needs the parameters' logical axis names (logical_axes), and this "
-        "trainer passes none; expected 'adafactor', 'adamw' or 'adam' here"
+        "optim.name='muon' needs the parameters' logical axis names (logical_axes); got none. "
+        "Pass them, or use 'adafactor', 'adamw' or 'adam'"
       )
     dimensions = jax.tree.map(
       lambda spec: muon_dimensions(tuple(spec)), logical_axes, is_leaf=_is_spec

@@ -104,11 +104,15 @@ def mesh_and_rules(
   )
 
 
-def _optimizers(config, abstract_params):
+def _optimizers(config, boxed_params, boxed_disc_params):
+  """``(tx, disc_tx, schedule)``; each optimizer is given its parameters' logical axis
+  names (``eval_shape`` boxes), which Muon reads its matrices from."""
   frozen = bool(config.finetune.checkpoint)
-  tx, schedule = optim.make_optimizer(config.optim, config.train.steps)
-  disc_tx, _ = optim.make_optimizer(config.disc_optim, config.train.steps)
-  return with_frozen(tx, abstract_params, frozen), disc_tx, schedule
+  steps = config.train.steps
+  tx, schedule = optim.make_optimizer(config.optim, steps, nn.get_partition_spec(boxed_params))
+  axes = nn.get_partition_spec(boxed_disc_params)
+  disc_tx, _ = optim.make_optimizer(config.disc_optim, steps, axes)
+  return with_frozen(tx, partitioning.unbox_abstract(boxed_params), frozen), disc_tx, schedule
 
 
 def state_shardings(config, model, disc, tx, disc_tx, mesh, rules) -> tuple[TrainState, TrainState]:
@@ -288,10 +292,10 @@ def train_and_evaluate(
   t = config.train
   mesh, rules = mesh_and_rules(config)
   model, disc = make_model(config.model), make_discriminator(config.disc)
-  abstract_params = partitioning.unbox_abstract(
-    jax.eval_shape(lambda: model.init(jax.random.key(0), _dummy(config))["params"])
-  )
-  tx, disc_tx, schedule = _optimizers(config, abstract_params)
+  boxed = jax.eval_shape(lambda: model.init(jax.random.key(0), _dummy(config))["params"])
+  dboxed = jax.eval_shape(lambda: disc.init(jax.random.key(0), _dummy(config))["params"])
+  abstract_params = partitioning.unbox_abstract(boxed)
+  tx, disc_tx, schedule = _optimizers(config, boxed, dboxed)
   frozen = bool(config.finetune.checkpoint)
   if config.finetune.checkpoint.startswith("REQUIRED"):
     raise ValueError(f"decoder finetuning needs a trained tokenizer: {config.finetune.checkpoint}")

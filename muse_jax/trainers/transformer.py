@@ -232,9 +232,13 @@ def state_shardings(
   tx: optax.GradientTransformation,
   mesh: jax.sharding.Mesh,
   rules: partitioning.Rules,
+  boxed: Any = None,
 ) -> tuple[TrainState, TrainState]:
-  """``(abstract_state, shardings)``: the train state's shapes and where each lives."""
-  boxed = abstract_params(config)
+  """``(abstract_state, shardings)``: the train state's shapes and where each lives.
+
+  ``boxed``: the parameters' ``abstract_params`` when the caller has them already.
+  """
+  boxed = abstract_params(config) if boxed is None else boxed
   param_shardings = partitioning.logical_shardings(boxed, mesh, rules)
   params = partitioning.unbox_abstract(boxed)
   opt_state = jax.eval_shape(tx.init, params)
@@ -351,8 +355,9 @@ def train_and_evaluate(
   mesh, rules = mesh_and_rules(config)
   t = config.train
   model = make_model(config.model)
-  axes = nn.get_partition_spec(abstract_params(config))  # Muon's matrices are read from them
-  tx, schedule = optim.make_optimizer(config.optim, t.steps, axes)
+  boxed = abstract_params(config)
+  # Muon's matrices are read from the axis names.
+  tx, schedule = optim.make_optimizer(config.optim, t.steps, nn.get_partition_spec(boxed))
   local_batch = common.local_batch_size(t.batch_size)
   batch_devices = mesh.shape[partitioning.DATA] * mesh.shape[partitioning.FSDP]
   if t.batch_size % batch_devices or (t.batch_size // t.grad_accum) % batch_devices:
@@ -373,7 +378,7 @@ def train_and_evaluate(
   uncond_emb, uncond_mask = token_batches.unconditional_text(config)
 
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-    abstract, shardings = state_shardings(config, tx, mesh, rules)
+    abstract, shardings = state_shardings(config, tx, mesh, rules, boxed)
     restored = ckpt.restore_or_none(_with_shardings(abstract, shardings))
     if restored is None:
       state = init_state(config, model, tx, shardings)

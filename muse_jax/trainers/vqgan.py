@@ -115,11 +115,11 @@ def _optimizers(config, boxed_params, boxed_disc_params):
   return with_frozen(tx, partitioning.unbox_abstract(boxed_params), frozen), disc_tx, schedule
 
 
-def state_shardings(config, model, disc, tx, disc_tx, mesh, rules) -> tuple[TrainState, TrainState]:
-  """``(abstract_state, shardings)`` of the train state."""
-  x = _dummy(config)
-  boxed = jax.eval_shape(lambda: model.init(jax.random.key(0), x)["params"])
-  dboxed = jax.eval_shape(lambda: disc.init(jax.random.key(0), x)["params"])
+def state_shardings(
+  model, boxed, dboxed, tx, disc_tx, mesh, rules
+) -> tuple[TrainState, TrainState]:
+  """``(abstract_state, shardings)`` of the train state, from the ``eval_shape`` trees (with
+  their axis names) of the model's and the discriminator's parameters."""
   p_sh = partitioning.logical_shardings(boxed, mesh, rules)
   d_sh = partitioning.logical_shardings(dboxed, mesh, rules)
   params, dparams = partitioning.unbox_abstract(boxed), partitioning.unbox_abstract(dboxed)
@@ -315,7 +315,7 @@ def train_and_evaluate(
   data = make_image_batches(config, local_batch) if data is None else data
 
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-    abstract, shardings = state_shardings(config, model, disc, tx, disc_tx, mesh, rules)
+    abstract, shardings = state_shardings(model, boxed, dboxed, tx, disc_tx, mesh, rules)
     restored = ckpt.restore_or_none(_with_shardings(abstract, shardings))
     first = None
     if restored is None:

@@ -480,17 +480,31 @@ class BlockStack(nn.Module):
       dtype=self.dtype,
       param_dtype=self.param_dtype,
     )
-    if self.scan:
-      stack = nn.scan(
-        block_cls,
-        variable_axes={"params": 0},
-        split_rngs={"params": True, "dropout": True},
-        in_axes=(nn.broadcast, nn.broadcast),
-        length=self.num_layers,
-        metadata_params={nn.PARTITION_NAME: LAYERS},
-      )
-      x, _ = stack(**fields, name="layers")(x, memory, memory_mask)
-      return x
-    for i in range(self.num_layers):
-      x, _ = block_cls(**fields, name=f"layers_{i}")(x, memory, memory_mask)
+    return apply_layers(block_cls, fields, self.num_layers, self.scan, x, memory, memory_mask)
+
+
+def apply_layers(
+  block_cls: type[nn.Module], fields: dict[str, Any], num_layers: int, scan: bool, x, *args
+) -> jax.Array:
+  """Runs ``num_layers`` blocks ``block_cls(**fields)(x, *args) -> (x, None)`` in turn.
+
+  Call it from a compact method: the blocks become the caller's children. With ``scan``,
+  one ``nn.scan`` named ``layers`` whose parameters are stacked on a leading ``LAYERS``
+  axis (one compiled body; the args reach every layer unchanged); without it, unrolled
+  blocks ``layers_0 ... layers_{n-1}``, which lets XLA hoist what each layer computes from
+  the args alone (its cross-attention keys and values) out of a decode loop.
+  """
+  if scan:
+    stack = nn.scan(
+      block_cls,
+      variable_axes={"params": 0},
+      split_rngs={"params": True, "dropout": True},
+      in_axes=(nn.broadcast,) * len(args),
+      length=num_layers,
+      metadata_params={nn.PARTITION_NAME: LAYERS},
+    )
+    x, _ = stack(**fields, name="layers")(x, *args)
     return x
+  for i in range(num_layers):
+    x, _ = block_cls(**fields, name=f"layers_{i}")(x, *args)
+  return x

@@ -44,6 +44,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from muse_jax.models.layers import apply_layers
 from muse_jax.models.uvit_blocks import (
   BlockAttention,
   ConvNextBlock,
@@ -56,7 +57,6 @@ from muse_jax.models.uvit_blocks import (
 from muse_jax.partitioning import (
   BATCH,
   EMBED,
-  LAYERS,
   LENGTH,
   NORM,
   TEXT_EMBED,
@@ -398,17 +398,6 @@ class UVit2D(nn.Module):
       param_dtype=self.param_dtype,
       attention_implementation=self.attention_implementation,
     )
-    if self.scan_layers:
-      layers = nn.scan(
-        TransformerLayer,
-        variable_axes={"params": 0},
-        split_rngs={"params": True, "dropout": True},
-        in_axes=(nn.broadcast, nn.broadcast),
-        length=self.num_hidden_layers,
-        metadata_params={nn.PARTITION_NAME: LAYERS},
-      )
-      x, _ = layers(**kwargs, name="layers")(x, context, cond)
-      return x
-    for i in range(self.num_hidden_layers):
-      x, _ = TransformerLayer(**kwargs, name=f"layers_{i}")(x, context, cond)
-    return x
+    return apply_layers(
+      TransformerLayer, kwargs, self.num_hidden_layers, self.scan_layers, x, context, cond
+    )

@@ -16,7 +16,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 import json
 import os
 import sys
@@ -260,3 +260,49 @@ def check_finite(step: int, loss: float, *, last_good: int | None, directory: An
     f"stopping without saving this state. The last good checkpoint is {where}; restart from it "
     "with a lower learning rate, more warmup or gradient clipping (--config.optim.grad_clip_norm)."
   )
+
+
+def raise_unless_finite(finite: jax.Array, step: int, loss: float, ckpt: Any) -> None:
+  """``check_finite``'s error once ``finite`` (the run's running all-finite flag) is False.
+
+  The last good save completes first; nothing from here on is saved.
+  """
+  if not bool(fetch(finite)):
+    ckpt.wait()
+    check_finite(step, loss, last_good=ckpt.latest_step(), directory=ckpt.directory)
+
+
+def save_or_stop(
+  ckpt: Any,
+  step: int,
+  state: Any,
+  extras: Callable[[], dict],
+  *,
+  must_save: bool,
+  out_of_time: bool,
+  time_limit_s: float,
+) -> bool:
+  """A train loop's end of step: saves when due or when a preemption is announced.
+
+  Args:
+    ckpt: the run's ``checkpointing.Checkpointer``.
+    step: the step just taken.
+    state: the train state after it.
+    extras: makes the JSON extras saved beside it (the data iterators' states); called
+      only when saving, as gathering them is a collective on a multi-host run.
+    must_save: a save is due (the schedule, the last step, or the time limit).
+    out_of_time: the run's ``TimeLimit`` was reached.
+    time_limit_s: that limit, for the log line.
+
+  Returns:
+    True when the loop must stop: a preemption was announced, or the time is up (the
+    state is then saved).
+  """
+  preempted = ckpt.reached_preemption(step)
+  if must_save or preempted:
+    ckpt.save(step, state, extras(), force=True)
+  if preempted:
+    logging.warning("Preemption announced: saved step %d, exiting.", step)
+  elif out_of_time:
+    logging.warning("train.time_limit_s=%g reached: saved step %d, stopping.", time_limit_s, step)
+  return preempted or out_of_time

@@ -433,11 +433,7 @@ def train_and_evaluate(
         if step % t.log_every == 0 or must_save or step == start + 1:
           values = common.fetch(metrics)
           last_loss = float(values["train/loss"])
-          if not bool(common.fetch(finite)):
-            ckpt.wait()  # The last good save completes; nothing from here on is saved.
-            common.check_finite(
-              step, last_loss, last_good=ckpt.latest_step(), directory=ckpt.directory
-            )
+          common.raise_unless_finite(finite, step, last_loss, ckpt)
           if step == start + 1:
             timer.reset(step)  # Leave compilation out of the step time.
           if step % t.log_every == 0:
@@ -453,16 +449,10 @@ def train_and_evaluate(
             progress.set_postfix(loss=f"{last_loss:.4f}")
         if sampler is not None and step % config.sample.every == 0:
           writer.images(step, sampler(state.params, batch, step))
-        if must_save or ckpt.reached_preemption(step):
-          extras = {"data": common.gather_process_states(data.get_state())}
-          ckpt.save(step, state, extras, force=True)
-          if ckpt.reached_preemption(step):
-            logging.warning("Preemption announced: saved step %d, exiting.", step)
-            break
-        if out_of_time:
-          logging.warning(
-            "train.time_limit_s=%g reached: saved step %d, stopping.", t.time_limit_s, step
-          )
+        if common.save_or_stop(
+          ckpt, step, state, lambda: {"data": common.gather_process_states(data.get_state())},
+          must_save=must_save, out_of_time=out_of_time, time_limit_s=t.time_limit_s,
+        ):  # fmt: skip
           break
     finally:
       progress.close()

@@ -404,11 +404,7 @@ def train_and_evaluate(
         if step % t.log_every == 0 or must_save or step == start + 1:
           values = common.fetch(metrics)
           last_loss = float(values["train/loss"])
-          if not bool(common.fetch(finite)):
-            ckpt.wait()
-            common.check_finite(
-              step, float("nan"), last_good=ckpt.latest_step(), directory=ckpt.directory
-            )
+          common.raise_unless_finite(finite, step, last_loss, ckpt)
           if step % t.log_every == 0:
             lap = timer.lap(step, tokens_per_step=t.batch_size, flops_per_step=0.0, peak_flops=None)
             values["perf/step_time_s"] = lap["perf/step_time_s"]
@@ -419,15 +415,10 @@ def train_and_evaluate(
           t.image_every and step % t.image_every == 0
         ):
           _evaluate(step, state, eval_fn, eval_images, model, writer, t)
-        if must_save or ckpt.reached_preemption(step):
-          ckpt.save(step, state, {"data": _data_states(data)}, force=True)
-          if ckpt.reached_preemption(step):
-            logging.warning("Preemption announced: saved step %d, exiting.", step)
-            break
-        if out_of_time:
-          logging.warning(
-            "train.time_limit_s=%g reached: saved step %d, stopping.", t.time_limit_s, step
-          )
+        if common.save_or_stop(
+          ckpt, step, state, lambda: {"data": _data_states(data)}, must_save=must_save,
+          out_of_time=out_of_time, time_limit_s=t.time_limit_s,
+        ):  # fmt: skip
           break
     finally:
       progress.close()

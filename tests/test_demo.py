@@ -1,8 +1,9 @@
-"""The demo end to end with a reduced budget (the `tiny` config), and its reuse of stages."""
+"""The demo end to end with a reduced budget (the `tiny` config), its reuse of stages, and its variants."""
 
 import json
 import pathlib
 
+import flax
 import numpy as np
 from PIL import Image
 import pytest
@@ -76,3 +77,19 @@ def _check_refilled_batches(config, workdir):
   assert 0 <= batch["ids"].min() and batch["ids"].max() < config.tokenizer.codebook_size
   with pytest.raises(ValueError, match=r"refill rates \[0.9, 0.1\]"):
     batches(0.9, 0.1)
+
+
+def test_long_variant_only_gives_the_base_more_steps_and_time():
+  """`configs/demo.py:long` is the 10-minute demo with a longer base, nothing else."""
+  default, long = (
+    flax.traverse_util.flatten_dict(demo_config.get_config(arg).to_dict(), sep=".")
+    for arg in (None, "long")
+  )
+  assert {k for k in default if default[k] != long[k]} == {"base.steps", "base.time_limit_s"}
+  assert long["base.steps"] > default["base.steps"]
+  assert long["base.time_limit_s"] > default["base.time_limit_s"]
+
+
+def test_unknown_variant_names_the_known_ones():
+  with pytest.raises(ValueError, match="unknown variant 'huge'; expected '', 'tiny' or 'long'"):
+    demo_config.get_config("huge")

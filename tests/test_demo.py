@@ -1,4 +1,4 @@
-"""The demo end to end with a reduced budget (the `tiny` config), its reuse of stages, and its variants."""
+"""The demo end to end on a reduced budget (`tiny`), its reuse of stages, and its variants."""
 
 import json
 import pathlib

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from muse_jax.models import layers
+from muse_jax.models import layers, stack
 
 GRID = (8, 8)
 WINDOW = 4
@@ -70,7 +70,7 @@ def test_cross_attention_ignores_padding():
 
 
 def _stack(scan, remat="none", attention="full"):
-  return layers.BlockStack(
+  return stack.BlockStack(
     num_layers=3,
     num_heads=2,
     head_dim=4,

@@ -34,7 +34,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from muse_jax.models.layers import BlockStack, Dtype, dense, embed_init, layer_norm
+from muse_jax.models.layers import Dtype, dense, embed_init, layer_norm
+from muse_jax.models.stack import BlockStack
 from muse_jax.partitioning import (
   BATCH,
   EMBED,
@@ -163,7 +164,7 @@ class MaskedTransformer(nn.Module):
   mlp_conv: bool = False
   dropout_rate: float = 0.0  # Dropout (the paper does not use any).
   scan_layers: bool = True  # nn.scan over the blocks (LAYERS axis).
-  remat_policy: str = "none"  # Activation rematerialisation, see layers.REMAT_POLICIES.
+  remat_policy: str = "none"  # Activation rematerialisation, see stack.REMAT_POLICIES.
   dtype: Dtype = jnp.float32  # Computation dtype (bfloat16 on TPU).
   param_dtype: Dtype = jnp.float32  # Parameter dtype.
 

@@ -44,7 +44,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from muse_jax.models.layers import apply_layers
+from muse_jax.models.stack import apply_layers
 from muse_jax.models.uvit_blocks import (
   BlockAttention,
   ConvNextBlock,

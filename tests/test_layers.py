@@ -96,7 +96,7 @@ def test_scan_equals_loop_and_remat_keeps_gradients(stack_inputs):
   scanned = _stack(scan=True)
   params = scanned.init(jax.random.key(0), x, memory, mask)["params"]
   boxed_kernel = params["layers"]["mlp"]["wi"]["kernel"]
-  assert boxed_kernel.names == (layers.LAYERS, layers.EMBED, layers.MLP)
+  assert boxed_kernel.names == (stack.LAYERS, layers.EMBED, layers.MLP)
   params = nn.meta.unbox(params)
   # The same weights as separate layers.
   loop_params = {

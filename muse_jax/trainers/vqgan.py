@@ -292,8 +292,9 @@ def train_and_evaluate(
   t = config.train
   mesh, rules = mesh_and_rules(config)
   model, disc = make_model(config.model), make_discriminator(config.disc)
-  boxed = jax.eval_shape(lambda: model.init(jax.random.key(0), _dummy(config))["params"])
-  dboxed = jax.eval_shape(lambda: disc.init(jax.random.key(0), _dummy(config))["params"])
+  x = _dummy(config)
+  boxed = jax.eval_shape(lambda: model.init(jax.random.key(0), x)["params"])
+  dboxed = jax.eval_shape(lambda: disc.init(jax.random.key(0), x)["params"])
   abstract_params = partitioning.unbox_abstract(boxed)
   tx, disc_tx, schedule = _optimizers(config, boxed, dboxed)
   frozen = bool(config.finetune.checkpoint)

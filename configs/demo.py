@@ -92,20 +92,21 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # 16384 examples pre-encoded; 51, 60 and 55, 55 with 80% and 100% single-object captions.
   # Squares stay at 0-6 of 40 in every one.
   c.base = dict(
-    width=128,
-    # 3 layers, not 4: a step takes 0.27 s against 0.42, so ~1400 steps fit in the 390 s
-    # instead of ~930, and they learn more in all (2026-11-27, bases on the tokenizers and
-    # data of the two Muon demos, each with a decoder stage; 8 images per seen single-object
-    # prompt, seeds 0-4 / 100-104): 438 / 440 and 423 / 429 of 600 against 429 / 418 and
-    # 420 / 407 for those runs' own 4-layer bases; masked-token NLL 0.79 and 0.80 against
-    # 0.84 and 0.83. 2 layers (2040 steps) gave 430 / 434 and 0.81.
+    # 64 wide and 3 layers, not 128 and 4: the demo is short of steps, and a smaller base
+    # takes more of them in the 390 s and learns more in all (2026-11-27; bases on the
+    # tokenizer and data of the second Muon demo, each with a decoder stage; 8 images per
+    # seen single-object prompt, seeds 0-4 / 100-104; masked-token NLL): 128 wide, 4 layers
+    # (~930 steps) 429 / 418 of 600, 0.84; 3 layers (1424) 438 / 440, 0.79; 2 layers (2043)
+    # 430 / 434, 0.81; 96 wide, 3 layers (1877) 460 / 460, 0.76; 64 wide (2324) 457 / 469,
+    # 0.75. On the first Muon demo's tokenizer, 3 layers gave 423 / 429 against 420 / 407.
+    width=64,
     num_layers=3,
     num_heads=2,
     mlp_dim=256,
-    # ~1400 fit in the time limit on 2 cores (1424 and 1411 measured), so the cosine ends at
-    # ~15% of the peak rate. Annealing fully within the time did no better (with 4 layers and
-    # 330 s, a cosine of 950 steps gave 317/600 at 840 steps; runs of 1250: 343, 368).
-    steps=1900,
+    # ~2300 fit in the time limit on 2 cores, so the cosine ends at ~20% of the peak rate.
+    # Annealing fully within the time did no better (with 4 layers of 128 and 330 s, a cosine
+    # of 950 steps gave 317/600 at 840 steps; runs of 1250: 343, 368).
+    steps=3350,
     batch_size=64,  # batch 16 x 4 times the steps did as well, not better
     # Muon for the hidden matrices, AdamW for the rest (muse_jax/optim.py). Bases trained
     # 390 s on one tokenizer, judged by their masked-token predictions on 1024 unseen
@@ -183,8 +184,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # before, given 24 minutes (all 3700 steps of a schedule 2.5x as long) on the tokenizer
     # of a 10-minute run, drew 474 and 480 of 600 single-object images right (seeds 0-4 and
     # 100-104; squares 79 and 83 of 200), against 429 and 418 for that run's own 390 s
-    # base. It keeps the 4 layers it was measured with.
-    c.base.update(num_layers=4, steps=3700, time_limit_s=1500.0)
+    # base. It keeps the width and the 4 layers it was measured with.
+    c.base.update(width=128, num_layers=4, steps=3700, time_limit_s=1500.0)
   elif arg not in (None, ""):
     raise ValueError(f"configs/demo.py: unknown variant {arg!r}; expected '', 'tiny' or 'long'")
   return c

@@ -9,8 +9,8 @@ WORKDIR/samples/; a second run reuses the trained parts and only generates.
 
   muse-jax demo --workdir /tmp/muse_demo
   muse-jax demo --workdir /tmp/demo_long --config=configs/demo.py:long
-      # the 4-layer base trained 24 minutes (27 in all): ~80% of single-object images
-      # right, against ~73% for the 10-minute demo's 3-layer base
+      # a larger base (4 layers of 128) trained 24 minutes (27 in all): ~80% of
+      # single-object images right, against ~77% for the 10-minute demo's
   muse-jax demo --workdir /tmp/demo_tiny --config=configs/demo.py:tiny   # a smoke test
 """
 

@@ -99,17 +99,19 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # (~930 steps) 429 / 418 of 600, 0.84; 3 layers (1424) 438 / 440, 0.79; 2 layers (2043)
     # 430 / 434, 0.81; 96 wide, 3 layers (1877) 460 / 460, 0.76; 64 wide (2324) 457 / 469,
     # 0.75. On the first Muon demo's tokenizer, 3 layers gave 423 / 429 against 420 / 407.
+    # Two whole demos with 3 layers of 64: 464 / 461 and 458 / 463.
     width=64,
     num_layers=3,
     num_heads=2,
     mlp_dim=256,
-    # ~2300 fit in the time limit on 2 cores, so the cosine ends at ~20% of the peak rate.
+    # 2300-2500 fit in the time limit on 2 cores (2324, 2368 and 2484 measured), so the
+    # cosine ends at ~15-20% of the peak rate.
     # Annealing fully within the time did no better (with 4 layers of 128 and 330 s, a cosine
     # of 950 steps gave 317/600 at 840 steps; runs of 1250: 343, 368).
     steps=3350,
     batch_size=64,  # batch 16 x 4 times the steps did as well, not better
-    # Muon for the hidden matrices, AdamW for the rest (muse_jax/optim.py). Bases trained
-    # 390 s on one tokenizer, judged by their masked-token predictions on 1024 unseen
+    # Muon for the hidden matrices, AdamW for the rest (muse_jax/optim.py). Bases (128 wide, 4
+    # layers) trained 390 s on one tokenizer, judged by their masked-token predictions on 1024 unseen
     # single-object images (half the tokens masked; NLL, and accuracy on the object's
     # tokens): AdamW at 3e-3 (966 steps) 1.19, 46%; Muon at 3e-3 0.96, 57%; 6e-3 0.87,
     # 59%; 1.2e-2 0.83, 63%; 2.4e-2 0.85, 61% (915-943 steps; timed alone,

@@ -80,17 +80,17 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   # Base masked transformer over the 8x8 tokens.
   # The demo is compute-bound: 28% / 55% / 64% of single-object prompts come out right with
-  # 4 / 12 / 28 minutes of training (benchmarks/demo_ceilings.py tells why). So the base gets
-  # what the 10 minutes leave (390 s), and the step is kept cheap: an MLP of 256 and 2 heads
-  # of 64 take 0.25 s a step, against 0.35 s for 512 and 4 heads of 32 (over three seeds,
-  # 122/360 single-object images right against 104/360, with 240 s each). With the relative
-  # bias and the MLP convolution below, an MLP of 512 still does no better: 339/600 against
-  # 348/600 on one tokenizer (seeds 0-4), in 673 steps against 1008.
-  # Other levers, replayed on one H200 at the step counts that fit here (single-object images
-  # right of 120, seeds 0 and 1, with a 450-step decoder stage of batch 16), before the
-  # relative position bias below: 52, 57 as configured; 57, 63 with 1700 base steps; 57, 61 with label smoothing 0.1; 50, 56 with
-  # 16384 examples pre-encoded; 51, 60 and 55, 55 with 80% and 100% single-object captions.
-  # Squares stay at 0-6 of 40 in every one.
+  # 4 / 12 / 28 minutes of training (benchmarks/demo_ceilings.py tells why). So the base
+  # gets what the 10 minutes leave (390 s), and the step is kept cheap: at width 128, an MLP
+  # of 256 and 2 heads of 64 take 0.25 s a step, against 0.35 s for 512 and 4 heads of 32
+  # (over three seeds, 122/360 single-object images right against 104/360, with 240 s each).
+  # With the relative bias and the MLP convolution below, an MLP of 512 still does no
+  # better: 339/600 against 348/600 on one tokenizer (seeds 0-4), in 673 steps against 1008.
+  # Other levers, replayed on one H200 at the step counts that fit here (single-object
+  # images right of 120, seeds 0 and 1, with a 450-step decoder stage of batch 16), before
+  # the relative position bias below: 52, 57 as configured; 57, 63 with 1700 base steps; 57,
+  # 61 with label smoothing 0.1; 50, 56 with 16384 examples pre-encoded; 51, 60 and 55, 55
+  # with 80% and 100% single-object captions. Squares stay at 0-6 of 40 in every one.
   c.base = dict(
     # 64 wide and 3 layers, not 128 and 4: the demo is short of steps, and a smaller base
     # takes more of them in the 390 s and learns more in all (2026-11-27; bases on the
@@ -111,19 +111,19 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # of 950 steps gave 317/600 at 840 steps; runs of 1250: 343, 368).
     steps=3350,
     batch_size=64,  # batch 16 x 4 times the steps did as well, not better
-    # Muon for the hidden matrices, AdamW for the rest (muse_jax/optim.py). Bases (128 wide, 4
-    # layers) trained 390 s on one tokenizer, judged by their masked-token predictions on 1024 unseen
-    # single-object images (half the tokens masked; NLL, and accuracy on the object's
-    # tokens): AdamW at 3e-3 (966 steps) 1.19, 46%; Muon at 3e-3 0.96, 57%; 6e-3 0.87,
-    # 59%; 1.2e-2 0.83, 63%; 2.4e-2 0.85, 61% (915-943 steps; timed alone,
-    # a Muon step costs 13-16% more: its Newton-Schulz products on ~40 small matrices).
+    # Muon for the hidden matrices, AdamW for the rest (muse_jax/optim.py). Bases (128 wide,
+    # 4 layers) trained 390 s on one tokenizer, judged by their masked-token predictions on
+    # 1024 unseen single-object images (half the tokens masked; NLL, and accuracy on the
+    # object's tokens): AdamW at 3e-3 (966 steps) 1.19, 46%; Muon at 3e-3 0.96, 57%; 6e-3
+    # 0.87, 59%; 1.2e-2 0.83, 63%; 2.4e-2 0.85, 61% (915-943 steps; timed alone, a Muon step
+    # costs 13-16% more: its Newton-Schulz products on ~40 small matrices).
     optimizer="muon",
     # AdamW (optimizer="adamw"): 3e-3, measured against 1e-3: 23% of single-object prompts
     # right, against 18%.
     lr=1.2e-2,
     warmup_steps=50,
-    # Unrolled layers: 4 blocks compile in seconds, and run 14% faster than nn.scan's loop
-    # on a CPU (0.40 against 0.46 s a step, with an MLP of 512).
+    # Unrolled layers: a few blocks compile in seconds, and run 14% faster than nn.scan's loop
+    # on a CPU (0.40 against 0.46 s a step, with 4 layers of 128 and an MLP of 512).
     scan_layers=False,
     # A learned 2D relative position bias in the self-attention (models/layers.py): what
     # the base learns about neighbouring tokens then holds at every position of the grid.

@@ -100,7 +100,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # 430 / 434, 0.81; 96 wide, 3 layers (1877) 460 / 460, 0.76; 64 wide (2324) 457 / 469,
     # 0.75. On the first Muon demo's tokenizer, 3 layers gave 423 / 429 against 420 / 407.
     # Two whole demos with 3 layers of 64: 464 / 461 and 458 / 463.
-    # An MLP of 128 (2991 steps) gave 458 / 461 and 0.77: the MLP stays at 256.
+    # An MLP of 128 (2991 steps) gave 458 / 461 and 0.77: the MLP stays at 256. Nor did
+    # 4 heads of 16 (447 / 458, 0.75), batch 32 for twice the steps (462 / 453, 0.77),
+    # Muon at 2e-2 (469 / 462, 0.76) or AdaLN from the pooled text (449 / 468, 0.75) do
+    # better (docs/demo.md, "The base's size").
     width=64,
     num_layers=3,
     num_heads=2,
@@ -159,6 +162,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # 390 (other seeds) and 378 (another run's base); square 390, 369 and 367; cubic 378 and
     # 356; exp 377; linear 344; sqrt 270. So cosine (the paper's) stays: the convex ones tie
     # with it, and the same base's count moves by ~20 between two sets of seeds.
+    # Re-measured on two demos with the 64-wide base (2026-11-27; 1846 of 2400 images as
+    # configured, seeds 0-4 and 100-104): temperature 0.3 1846, 0.75 1846, 1.0 1818;
+    # guidance 1.5 1843, 2.5 1801; choice temperature 1 1853; 16 steps 1786. It stays.
     schedule="cosine",
     num_steps=24,
     guidance_scale=2.0,

@@ -242,7 +242,8 @@ def test_trains_resumes_and_samples_on_pre_encoded_shards(tmp_path, monkeypatch)
   c = load_config("muse_base_632m")
   c.model.update(vocab_size=64, grid=(4, 4))
   c.text.update(length=6, dim=4)
-  c.data.update(source="pre_encoded", path=str(shards), ids_key="ids_32")
+  # Read in the training loop's thread (the demo's way), and resumed from the saved state.
+  c.data.update(source="pre_encoded", path=str(shards), ids_key="ids_32", num_threads=0)
   c.train.update(steps=2, batch_size=4, ckpt_every=1, log_every=1)
   c.optim.schedule = "constant"  # Independent of train.steps: the resumed run reuses the compile.
   c.mesh.shape = {"data": 1, "fsdp": 2, "tensor": 4}

@@ -84,7 +84,8 @@ def tokenizer_trainer_config(config: ml_collections.ConfigDict) -> ml_collection
     reconstruction=t.loss, perceptual_weight=0.0, adversarial_weight=0.0, disc_start=10**9
   )
   c.disc.update(channels=(8, 16), stem_channels=8)  # never used: kept small in checkpoints
-  c.data.update(source="shapes", resolution=config.image_size, output="uint8", seed=config.seed)
+  c.data.update(source="shapes", resolution=config.image_size, output="uint8", seed=config.seed,
+                num_threads=config.read_threads)  # fmt: skip
   c.data.shapes.update(size=config.image_size, seed=config.seed, split="train", forms=dict(config.forms),
                        held_out=tuple(config.held_out))  # fmt: skip
   return c
@@ -140,6 +141,7 @@ def encode_training_set(config: ml_collections.ConfigDict, workdir: pathlib.Path
       str(workdir / TEXT), config.text.max_length, "float32", mesh
     ),
     batch_size=p.batch_size,
+    num_threads=config.read_threads,
     examples_per_shard=p.num_examples,
     description="muse-jax demo: shapes train split",
   )
@@ -159,7 +161,11 @@ def base_trainer_config(
                  mlp_conv=b.mlp_conv, dtype="float32")  # fmt: skip
   c.text.update(length=config.text.max_length, dim=config.text.d_model)
   c.data.update(
-    source="pre_encoded", path=str(workdir / DATA), ids_key=f"ids_{TOKENS}", seed=config.seed
+    source="pre_encoded",
+    path=str(workdir / DATA),
+    ids_key=f"ids_{TOKENS}",
+    num_threads=config.read_threads,
+    seed=config.seed,
   )
   c.train.update(steps=b.steps, batch_size=b.batch_size, log_every=50, ckpt_every=b.steps, keep=1,
                  keep_every=0, time_limit_s=b.time_limit_s)  # fmt: skip

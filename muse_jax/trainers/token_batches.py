@@ -185,6 +185,7 @@ def _pre_encoded(config: Any, *, local_batch: int, superres: bool) -> Any:
     raise ValueError("the super-res model needs data.low_res_ids_key (e.g. 'ids_256')")
   reader = pipeline.default_data_config()
   reader.num_workers = data.num_workers
+  reader.num_threads = data.num_threads
   return pipeline.pre_encoded_batches(
     data.path,
     batch_size=local_batch,

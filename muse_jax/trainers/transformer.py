@@ -79,6 +79,7 @@ def base_config() -> ml_collections.ConfigDict:
     low_res_ids_key="",  # Low-res ids feature (super-res).
     uncond_path="",  # .npz of the empty prompt's text ("" = uncond.npz by the shards, or zeros).
     num_workers=0,  # Pre-encoded reading: grain worker processes.
+    num_threads=16,  # Pre-encoded reading: threads per process (0: in the training loop's).
     seed=0,
     num_classes=16,  # Synthetic task only.
     noise=0.1,  # Synthetic task only.

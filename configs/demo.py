@@ -108,7 +108,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # 0.75. On the first Muon demo's tokenizer, 3 layers gave 423 / 429 against 420 / 407.
     # Two whole demos with 3 layers of 64: 464 / 461 and 458 / 463.
     # An MLP of 128 (2991 steps) gave 458 / 461 and 0.77: the MLP stays at 256. Nor did
-    # 4 heads of 16 (447 / 458, 0.75), batch 32 for twice the steps (462 / 453, 0.77),
+    # 4 heads of 16 (447 / 458, 0.75), batch 32 for twice the steps (462 / 453, 0.77) or 128
+    # for half (442 / 454, 0.77),
     # Muon at 2e-2 (469 / 462, 0.76) or AdaLN from the pooled text (449 / 468, 0.75) do
     # better (docs/demo.md, "The base's size").
     width=64,
@@ -120,7 +121,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # Annealing fully within the time did no better (with 4 layers of 128 and 330 s, a cosine
     # of 950 steps gave 317/600 at 840 steps; runs of 1250: 343, 368).
     steps=3350,
-    batch_size=64,  # batch 16 x 4 times the steps did as well, not better
+    batch_size=64,  # 16 x 4 times the steps did as well (4 x 128); 32 and 128 worse (3 x 64)
     # Muon for the hidden matrices, AdamW for the rest (muse_jax/optim.py). Bases (128 wide,
     # 4 layers) trained 390 s on one tokenizer, judged by their masked-token predictions on
     # 1024 unseen single-object images (half the tokens masked; NLL, and accuracy on the

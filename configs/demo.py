@@ -121,7 +121,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # Annealing fully within the time did no better (with 4 layers of 128 and 330 s, a cosine
     # of 950 steps gave 317/600 at 840 steps; runs of 1250: 343, 368).
     steps=3350,
-    batch_size=64,  # 16 x 4 times the steps did as well (4 x 128); 32 and 128 worse (3 x 64)
+    batch_size=64,  # 16 x 4 the steps tied (4 x 128); 32 tied, 128 did worse (3 x 64)
     # Muon for the hidden matrices, AdamW for the rest (muse_jax/optim.py). Bases (128 wide,
     # 4 layers) trained 390 s on one tokenizer, judged by their masked-token predictions on
     # 1024 unseen single-object images (half the tokens masked; NLL, and accuracy on the

@@ -2,7 +2,7 @@
 
   muse-jax demo --workdir /tmp/muse_demo                      # ~9 minutes on 2 cores
   muse-jax demo --workdir /tmp/demo_tiny --config=configs/demo.py:tiny   # a minute: the test's
-  muse-jax demo --workdir /tmp/demo_long --config=configs/demo.py:long  # ~30 minutes: ~80%
+  muse-jax demo --workdir /tmp/demo_long --config=configs/demo.py:long  # ~18 minutes: ~80%
 
 Every knob is overridable as `--config.a.b=value`. Stages that finished are reused on a
 second run (their `.done` markers in the workdir), so it then only generates.
@@ -197,12 +197,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.count_prompts = 1
     c.relation_prompts = 1
   elif arg == "long":
-    # The demo is short of base compute, not of anything else: the 4-layer base it had
-    # before, given 24 minutes (all 3700 steps of a schedule 2.5x as long) on the tokenizer
-    # of a 10-minute run, drew 474 and 480 of 600 single-object images right (seeds 0-4 and
-    # 100-104; squares 79 and 83 of 200), against 429 and 418 for that run's own 390 s
-    # base. It keeps the width and the 4 layers it was measured with.
-    c.base.update(width=128, num_layers=4, steps=3700, time_limit_s=1500.0)
+    # The demo is short of base compute, not of anything else: its base given 15 minutes
+    # (5445 steps of a schedule of 7000) on the tokenizer and data of a 10-minute run drew
+    # 495 and 488 of 600 single-object images right (seeds 0-4 and 100-104; squares 96 and
+    # 91 of 200), against 471 and 448 for that run's own 390 s base (2026-11-27).
+    c.base.update(steps=7000, time_limit_s=900.0)
   elif arg not in (None, ""):
     raise ValueError(f"configs/demo.py: unknown variant {arg!r}; expected '', 'tiny' or 'long'")
   return c

@@ -79,16 +79,14 @@ def _check_refilled_batches(config, workdir):
     batches(0.9, 0.1)
 
 
-def test_long_variant_only_changes_the_base_it_measured():
-  """`configs/demo.py:long` is the 10-minute demo with the base it was measured with (128 wide,
-  4 layers), trained longer, nothing else."""
+def test_long_variant_only_trains_the_base_longer():
+  """`configs/demo.py:long` is the 10-minute demo with its base trained longer, nothing else."""
   default, long = (
     flax.traverse_util.flatten_dict(demo_config.get_config(arg).to_dict(), sep=".")
     for arg in (None, "long")
   )
   changed = {k for k in default if default[k] != long[k]}
-  assert changed == {"base.width", "base.num_layers", "base.steps", "base.time_limit_s"}
-  assert (long["base.width"], long["base.num_layers"]) == (128, 4)
+  assert changed == {"base.steps", "base.time_limit_s"}
   assert long["base.steps"] > default["base.steps"]
   assert long["base.time_limit_s"] > default["base.time_limit_s"]
 

@@ -108,10 +108,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # 0.75. On the first Muon demo's tokenizer, 3 layers gave 423 / 429 against 420 / 407.
     # Two whole demos with 3 layers of 64: 464 / 461 and 458 / 463.
     # An MLP of 128 (2991 steps) gave 458 / 461 and 0.77: the MLP stays at 256. Nor did
-    # 4 heads of 16 (447 / 458, 0.75), batch 32 for twice the steps (462 / 453, 0.77) or 128
-    # for half (442 / 454, 0.77),
-    # Muon at 2e-2 (469 / 462, 0.76) or AdaLN from the pooled text (449 / 468, 0.75) do
-    # better (docs/demo.md, "The base's size").
+    # 4 heads of 16 (447 / 458, 0.75), batch 32 for twice the steps (462 / 453, 0.77) or
+    # 128 for half (442 / 454, 0.77), Muon at 2e-2 (469 / 462, 0.76) or AdaLN from the
+    # pooled text (449 / 468, 0.75) do better (docs/demo.md, "The base's size").
     width=64,
     num_layers=3,
     num_heads=2,
@@ -200,7 +199,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # The demo is short of base compute, not of anything else: its base given 15 minutes
     # (5445 steps of a schedule of 7000) on the tokenizer and data of a 10-minute run drew
     # 495 and 488 of 600 single-object images right (seeds 0-4 and 100-104; squares 96 and
-    # 91 of 200), against 471 and 448 for that run's own 390 s base (2026-11-27).
+    # 91 of 200), against 471 and 448 for that run's own 390 s base (2026-11-27). A whole
+    # run of this variant: 17.5 minutes, 488 and 479.
     c.base.update(steps=7000, time_limit_s=900.0)
   elif arg not in (None, ""):
     raise ValueError(f"configs/demo.py: unknown variant {arg!r}; expected '', 'tiny' or 'long'")

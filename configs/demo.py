@@ -91,8 +91,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # gets what the 10 minutes leave (390 s), and the step is kept cheap: at width 128, an MLP
   # of 256 and 2 heads of 64 take 0.25 s a step, against 0.35 s for 512 and 4 heads of 32
   # (over three seeds, 122/360 single-object images right against 104/360, with 240 s each).
-  # With the relative bias and the MLP convolution below, an MLP of 512 still does no
-  # better: 339/600 against 348/600 on one tokenizer (seeds 0-4), in 673 steps against 1008.
+  # With the relative bias and the convolution below (then inside the MLP), an MLP of 512
+  # still does no better: 339/600 against 348/600 on one tokenizer (seeds 0-4), in 673
+  # steps against 1008.
   # Other levers, replayed on one H200 at the step counts that fit here (single-object
   # images right of 120, seeds 0 and 1, with a 450-step decoder stage of batch 16), before
   # the relative position bias below: 52, 57 as configured; 57, 63 with 1700 base steps; 57,
@@ -143,13 +144,16 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # 1700 steps 65, 59, learning rates of 2e-3 and 5e-3 59, 58 and 28, 27, and label
     # smoothing 0.1 47, 52. Its gather and scatter cost ~1% of the step.
     relative_position=True,
-    # A depthwise 3x3 convolution over the grid inside each MLP (models/layers.py), for
-    # the same reason. On this CPU, two 330 s bases with the relative bias on one
-    # tokenizer (8 images per single-object prompt, seeds 0-4): 370 of 600 right against
-    # 315 without the convolution (triangles 169 against 119 of 200, circles 184 against
-    # 175, squares 17 against 21), though the step takes ~20% longer (941 steps against
-    # 1158 in the 330 s).
-    mlp_conv=True,
+    # Depthwise 3x3 convolutions over the grid on the inputs of the self-attention and the
+    # MLP (models/layers.py, GridConv), for the same reason. Bases replayed 390 s each on one
+    # tokenizer (2026-11-27; 8 images per seen single-object prompt, seeds 0-4 / 100-104,
+    # squares in brackets; masked-token NLL): the convolution inside the MLP, on its 256
+    # hidden channels, as before (2364 steps) 448 / 435 (59 / 44), 0.74; on the MLP's 64
+    # input channels instead (2780) 477 / 459 (82 / 72), 0.72; on the self-attention's
+    # input too, as here (2611) 487 / 481 (91 / 87), 0.69; on the cross-attention's as well
+    # (2623) 467 / 478 (76 / 83), 0.70. Inside the MLP it had lifted 315 of 600 to 370
+    # (triangles 119 to 169), at ~20% of the step; the two on the inputs cost half as much.
+    local_conv=True,
     time_limit_s=390.0,
   )
 

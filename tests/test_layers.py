@@ -211,28 +211,40 @@ def test_depthwise_conv3x3_is_xlas_depthwise_convolution():
   np.testing.assert_array_equal(got, exact.astype(jnp.bfloat16))
 
 
-def test_mlp_conv_starts_as_the_plain_mlp_and_reaches_only_neighbours():
+def test_grid_conv_starts_as_the_identity_and_reaches_only_neighbours():
   grid = (4, 5)
   rng = np.random.default_rng(6)
   x = jnp.asarray(rng.normal(size=(2, 20, 8)), jnp.float32)
-  conv_mlp = layers.Mlp(hidden_dim=16, conv_grid=grid)
-  params = nn.meta.unbox(conv_mlp.init(jax.random.key(0), x)["params"])
-  assert params["conv"].shape == (3, 3, 16) and not np.any(params["conv"])
-  plain = {k: v for k, v in params.items() if k != "conv"}
-  np.testing.assert_array_equal(
-    conv_mlp.apply({"params": params}, x), layers.Mlp(hidden_dim=16).apply({"params": plain}, x)
-  )
-  params["conv"] = jnp.asarray(rng.normal(size=(3, 3, 16)), jnp.float32)
-  y = conv_mlp.apply({"params": params}, x)
+  conv = layers.GridConv(grid)
+  params = nn.meta.unbox(conv.init(jax.random.key(0), x)["params"])
+  assert params["kernel"].shape == (3, 3, 8) and not np.any(params["kernel"])
+  np.testing.assert_array_equal(conv.apply({"params": params}, x), x)
+  params["kernel"] = jnp.asarray(rng.normal(size=(3, 3, 8)), jnp.float32)
+  y = conv.apply({"params": params}, x)
   token = 2 * 5 + 2  # row 2, column 2
-  y2 = conv_mlp.apply({"params": params}, x.at[:, token].add(1.0))
+  y2 = conv.apply({"params": params}, x.at[:, token].add(1.0))
   changed = np.asarray(jnp.abs(y2 - y).max(axis=(0, 2)) > 1e-6).reshape(grid)
   want = np.zeros(grid, bool)
   want[1:4, 1:4] = True  # the 3x3 neighbourhood of (2, 2)
   np.testing.assert_array_equal(changed, want)
   with pytest.raises(ValueError, match=r"conv grid \(4, 5\) holds 20 tokens; got 16"):
-    conv_mlp.init(jax.random.key(0), x[:, :16])
-  block = layers.TransformerBlock(num_heads=2, head_dim=4, mlp_dim=16, cross_attention=False,
-                                  mlp_conv=True)  # fmt: skip
-  with pytest.raises(ValueError, match="mlp_conv convolves over the token grid"):
-    block.init(jax.random.key(0), x)
+    conv.init(jax.random.key(0), x[:, :16])
+
+
+def test_local_conv_starts_as_the_plain_block_and_convolves_both_inputs():
+  grid = (4, 5)
+  rng = np.random.default_rng(7)
+  x = jnp.asarray(rng.normal(size=(2, 20, 8)), jnp.float32)
+  kw = dict(num_heads=2, head_dim=4, mlp_dim=16, cross_attention=False, grid=grid)
+  block = layers.TransformerBlock(local_conv=True, **kw)
+  params = nn.meta.unbox(block.init(jax.random.key(0), x)["params"])
+  assert params["conv_self"]["kernel"].shape == params["conv_mlp"]["kernel"].shape == (3, 3, 8)
+  plain = {k: v for k, v in params.items() if not k.startswith("conv_")}
+  want, _ = layers.TransformerBlock(**kw).apply({"params": plain}, x)
+  got, _ = block.apply({"params": params}, x)
+  np.testing.assert_array_equal(got, want)
+  for name in ("conv_self", "conv_mlp"):  # each one, alone, changes the output
+    moved = dict(params, **{name: {"kernel": jnp.full((3, 3, 8), 0.1, jnp.float32)}})
+    assert float(jnp.abs(block.apply({"params": moved}, x)[0] - want).max()) > 1e-3
+  with pytest.raises(ValueError, match="local_conv convolves over the token grid"):
+    layers.TransformerBlock(**dict(kw, grid=None), local_conv=True).init(jax.random.key(0), x)

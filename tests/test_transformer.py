@@ -167,20 +167,25 @@ def test_relative_position_bias_goes_to_full_self_attention_only():
       assert table.value.shape == (layers, (2 * side - 1) ** 2, 2)
       assert table.names[-1] == "heads"
   old = ml_collections.ConfigDict(json.loads(config.to_json()))
-  del old["relative_position"], old["mlp_conv"]
+  del old["relative_position"], old["local_conv"]
   model = trainer.make_model(old)
-  assert model.relative_position is False and model.mlp_conv is False
+  assert model.relative_position is False and model.local_conv is False
+  # Runs trained with the convolution inside the MLPs (before local_conv) are refused.
+  old.mlp_conv = True
+  with pytest.raises(ValueError, match=r"model.mlp_conv=True: .* Train it again"):
+    trainer.make_model(old)
 
 
-def test_mlp_conv_goes_to_every_stack_over_its_own_grid():
+def test_local_conv_goes_to_every_stack_over_its_own_grid():
   full = load_config("muse_superres_512", None)
   full.text.update(length=4, dim=8)
   full.model.update(grid=(4, 4), low_grid=(2, 2), width=8, num_heads=2, mlp_dim=8, num_layers=2,
-                    num_low_layers=3, window=2, mlp_conv=True)  # fmt: skip
+                    num_low_layers=3, window=2, local_conv=True)  # fmt: skip
   params = trainer.abstract_params(full)
   for stack, layers in (("low_encoder", 3), ("blocks", 2)):
-    conv = params[stack]["layers"]["mlp"]["conv"]
-    assert conv.value.shape == (layers, 3, 3, 8) and conv.names[-1] == "mlp"
+    for name in ("conv_self", "conv_mlp"):
+      conv = params[stack]["layers"][name]["kernel"]
+      assert conv.value.shape == (layers, 3, 3, 8) and conv.names[-1] == "embed"
 
 
 @pytest.mark.parametrize(

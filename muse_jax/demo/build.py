@@ -158,7 +158,7 @@ def base_trainer_config(
   c.model.update(vocab_size=config.tokenizer.codebook_size, grid=(grid, grid), width=b.width,
                  num_layers=b.num_layers, num_heads=b.num_heads, mlp_dim=b.mlp_dim,
                  scan_layers=b.scan_layers, relative_position=b.relative_position,
-                 mlp_conv=b.mlp_conv, dtype="float32")  # fmt: skip
+                 local_conv=b.local_conv, dtype="float32")  # fmt: skip
   c.text.update(length=config.text.max_length, dim=config.text.d_model)
   c.data.update(
     source="pre_encoded",

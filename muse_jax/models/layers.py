@@ -21,8 +21,9 @@ Full self-attention over a grid may add a learned 2D relative position bias (Swi
 et al. 2021; CoAtNet, Dai et al. 2021): one scalar per head and per offset (dy, dx)
 between query and key, shared by all positions. Muse uses absolute positions only; the
 bias gives the attention translation equivariance, so that a relation between
-neighbouring tokens learnt in one place holds in every place. The MLP may likewise
-convolve its hidden activations over the grid (3x3, depthwise).
+neighbouring tokens learnt in one place holds in every place. For the same reason a block
+may convolve the inputs of its self-attention and its MLP over the grid (3x3, depthwise;
+``GridConv``).
 """
 
 from __future__ import annotations
@@ -328,15 +329,47 @@ def depthwise_conv3x3(x: jax.Array, kernel: jax.Array) -> jax.Array:
   return sum(shift(r, i - 1, axis=1) for i, r in enumerate(rows)).astype(x.dtype)
 
 
+class GridConv(nn.Module):
+  """``x + depthwise_conv3x3(x)`` over the token grid, the kernel started at zero.
+
+  Gives a sub-layer's input its 3x3 neighbourhood of tokens, with one weight per channel
+  and offset. Zero-initialised, so a block with it starts as the plain transformer's.
+  Not in Muse: the demo's base puts one before its self-attention and one before its MLP
+  (``TransformerBlock.local_conv``), so that what it learns about neighbouring tokens holds
+  wherever they stand, as the convolutional token projections of CvT (Wu et al. 2021) and
+  the convolutional feed-forward of PVTv2 (Wang et al. 2022) do. PVTv2 convolves the MLP's
+  hidden activations; here the D input channels are convolved, not the F hidden ones: on
+  a CPU the step is bound by memory traffic, and the narrow convolution costs a quarter.
+  """
+
+  grid: tuple[int, int]  # (h, w) of the L = h · w tokens, row-major.
+  dtype: Dtype = jnp.float32  # Computation dtype.
+  param_dtype: Dtype = jnp.float32  # Parameter dtype.
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    batch, length, d = x.shape  # [B, L, D]
+    if math.prod(self.grid) != length:
+      raise ValueError(
+        f"the conv grid {self.grid} holds {math.prod(self.grid)} tokens; got {length}"
+      )
+    kernel = self.param(
+      "kernel",
+      nn.with_logical_partitioning(nn.initializers.zeros, (None, None, EMBED)),
+      (3, 3, d),
+      self.param_dtype,
+    )  # [3, 3, D]
+    x = x.astype(self.dtype)
+    conv = depthwise_conv3x3(x.reshape(batch, *self.grid, d), kernel.astype(self.dtype)[:, :, None])
+    return x + conv.reshape(batch, length, d)
+
+
 class Mlp(nn.Module):
-  """Two-layer GELU MLP: D -> F -> D, optionally with a depthwise 3x3 convolution over
-  the token grid on the hidden activations (a residual one, zero-initialised, before the
-  GELU; PVTv2's convolutional feed-forward, Wang et al. 2022)."""
+  """Two-layer GELU MLP: D -> F -> D."""
 
   hidden_dim: int = 2048  # F.
   dropout_rate: float = 0.0  # Dropout on the hidden activations.
   deterministic: bool = True  # Disables dropout.
-  conv_grid: tuple[int, int] | None = None  # (h, w) of the tokens to convolve over, or None.
   dtype: Dtype = jnp.float32  # Computation dtype.
   param_dtype: Dtype = jnp.float32  # Parameter dtype.
 
@@ -344,22 +377,6 @@ class Mlp(nn.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     h = dense(self.hidden_dim, (EMBED, MLP), name="wi", **kw)(x)  # [B, L, F]
-    if self.conv_grid is not None:
-      batch, length, f = h.shape
-      if math.prod(self.conv_grid) != length:
-        raise ValueError(
-          f"the MLP's conv grid {self.conv_grid} holds {math.prod(self.conv_grid)} tokens; "
-          f"got {length}"
-        )
-      kernel = self.param(
-        "conv",
-        nn.with_logical_partitioning(nn.initializers.zeros, (None, None, MLP)),
-        (3, 3, f),
-        self.param_dtype,
-      )  # [3, 3, F]
-      grid = h.reshape(batch, *self.conv_grid, f)  # [B, h, w, F]
-      conv = depthwise_conv3x3(grid, kernel.astype(h.dtype)[:, :, None])  # [B, h, w, F]
-      h = h + conv.reshape(batch, length, f)
     h = constrain(nn.gelu(h), (BATCH, LENGTH, MLP))
     h = nn.Dropout(self.dropout_rate, deterministic=self.deterministic)(h)
     return dense(x.shape[-1], (MLP, EMBED), name="wo", **kw)(h)
@@ -368,6 +385,7 @@ class Mlp(nn.Module):
 class TransformerBlock(nn.Module):
   """Pre-LN block: x += SelfAttn(LN x); [x += CrossAttn(LN x, memory)]; x += MLP(LN x).
 
+  With ``local_conv``, the self-attention and the MLP take ``GridConv(LN x)`` instead.
   ``__call__`` returns ``(x, None)`` so that the block can be ``nn.scan``-ned.
   """
 
@@ -379,7 +397,9 @@ class TransformerBlock(nn.Module):
   grid: tuple[int, int] | None = None  # (h, w) of the tokens (multi-axis, relative bias, conv).
   window: int = 8  # Multi-axis block / grid side.
   relative_position: bool = False  # 2D relative position bias in the self-attention.
-  mlp_conv: bool = False  # Depthwise 3x3 convolution over the grid inside the MLP.
+  # A depthwise 3x3 convolution over the grid (GridConv) on the normed inputs of the
+  # self-attention and of the MLP.
+  local_conv: bool = False
   dropout_rate: float = 0.0  # Dropout after each sub-layer.
   deterministic: bool = True  # Disables dropout.
   dtype: Dtype = jnp.float32  # Computation dtype.
@@ -393,7 +413,11 @@ class TransformerBlock(nn.Module):
     attn = dict(num_heads=self.num_heads, head_dim=self.head_dim, **kw)
     drop = lambda y: nn.Dropout(self.dropout_rate, deterministic=self.deterministic)(y)
     x = constrain(x, (BATCH, LENGTH, EMBED))  # [B, L, D]
+    if self.local_conv and self.grid is None:
+      raise ValueError("local_conv convolves over the token grid: give the block its grid (h, w)")
     h = layer_norm(name="norm_self", **kw)(x)
+    if self.local_conv:
+      h = GridConv(self.grid, name="conv_self", **kw)(h)
     h = Attention(
       kind=self.attention,
       grid=self.grid,
@@ -410,9 +434,8 @@ class TransformerBlock(nn.Module):
       h = Attention(name="cross_attention", **attn)(h, memory, memory_mask)
       x = x + drop(h)
     h = layer_norm(name="norm_mlp", **kw)(x)
-    if self.mlp_conv and self.grid is None:
-      raise ValueError("mlp_conv convolves over the token grid: give the block its grid (h, w)")
-    conv_grid = self.grid if self.mlp_conv else None
-    h = Mlp(self.mlp_dim, self.dropout_rate, self.deterministic, conv_grid, name="mlp", **kw)(h)
+    if self.local_conv:
+      h = GridConv(self.grid, name="conv_mlp", **kw)(h)
+    h = Mlp(self.mlp_dim, self.dropout_rate, self.deterministic, name="mlp", **kw)(h)
     x = constrain(x + drop(h), (BATCH, LENGTH, EMBED))
     return x, None

@@ -41,7 +41,7 @@ class BlockStack(nn.Module):
   grid: tuple[int, int] | None = None  # Token grid (multi-axis, relative bias, conv).
   window: int = 8  # Multi-axis block / grid side.
   relative_position: bool = False  # 2D relative position bias in the self-attention.
-  mlp_conv: bool = False  # Depthwise 3x3 convolution over the grid inside the MLP.
+  local_conv: bool = False  # Depthwise 3x3 convolutions on the self-attention and MLP inputs.
   dropout_rate: float = 0.0  # Dropout rate.
   deterministic: bool = True  # Disables dropout.
   scan: bool = True  # nn.scan over layers.
@@ -71,7 +71,7 @@ class BlockStack(nn.Module):
       grid=self.grid,
       window=self.window,
       relative_position=self.relative_position,
-      mlp_conv=self.mlp_conv,
+      local_conv=self.local_conv,
       dropout_rate=self.dropout_rate,
       deterministic=self.deterministic,
       dtype=self.dtype,

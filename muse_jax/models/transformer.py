@@ -159,9 +159,9 @@ class MaskedTransformer(nn.Module):
   # Each layer materialises an [N, L, L] float32 bias: 5 MiB for 20 heads over 16x16
   # tokens, but 1 GiB for 16 heads of full attention over 64x64.
   relative_position: bool = False
-  # A depthwise 3x3 convolution over the token grid inside every MLP (layers.Mlp). Not in
-  # the paper.
-  mlp_conv: bool = False
+  # Depthwise 3x3 convolutions over the token grid on every block's self-attention and MLP
+  # inputs (layers.GridConv). Not in the paper.
+  local_conv: bool = False
   dropout_rate: float = 0.0  # Dropout (the paper does not use any).
   scan_layers: bool = True  # nn.scan over the blocks (LAYERS axis).
   remat_policy: str = "none"  # Activation rematerialisation, see stack.REMAT_POLICIES.
@@ -189,7 +189,7 @@ class MaskedTransformer(nn.Module):
       grid=grid,
       window=self.window,
       relative_position=self.relative_position and attention == "full",
-      mlp_conv=self.mlp_conv,
+      local_conv=self.local_conv,
       dropout_rate=self.dropout_rate,
       deterministic=not train,
       scan=self.scan_layers,

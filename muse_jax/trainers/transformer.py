@@ -60,7 +60,7 @@ def base_config() -> ml_collections.ConfigDict:
     attention="full",  # "full" or "multi_axis".
     window=8,  # Multi-axis block / grid side.
     relative_position=False,  # 2D relative position bias in full self-attention (not Muse's).
-    mlp_conv=False,  # Depthwise 3x3 conv over the token grid in the MLPs (not Muse's).
+    local_conv=False,  # Depthwise 3x3 convs over the grid on the attention and MLP inputs.
     dropout_rate=0.0,
     scan_layers=True,
     remat_policy="none",  # "none", "full", "dots", "dots_no_batch".
@@ -135,6 +135,12 @@ def base_config() -> ml_collections.ConfigDict:
 def make_model(config: ml_collections.ConfigDict) -> MaskedTransformer:
   """The model a ``model`` config section describes."""
   m = config
+  if m.get("mlp_conv", False):
+    raise ValueError(
+      "model.mlp_conv=True: this run was trained with the convolution inside the MLPs, which "
+      "model.local_conv replaced (2026-11-27: before the attention and the MLP, not inside); "
+      "its weights do not fit the model any more. Train it again (muse-jax demo: a new workdir)"
+    )
   common_fields = dict(
     vocab_size=m.vocab_size,
     grid=tuple(m.grid),
@@ -146,7 +152,7 @@ def make_model(config: ml_collections.ConfigDict) -> MaskedTransformer:
     window=m.window,
     # Runs saved before these options existed have no such keys.
     relative_position=m.get("relative_position", False),
-    mlp_conv=m.get("mlp_conv", False),
+    local_conv=m.get("local_conv", False),
     dropout_rate=m.dropout_rate,
     scan_layers=m.scan_layers,
     remat_policy=m.remat_policy,

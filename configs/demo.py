@@ -107,7 +107,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # (~930 steps) 429 / 418 of 600, 0.84; 3 layers (1424) 438 / 440, 0.79; 2 layers (2043)
     # 430 / 434, 0.81; 96 wide, 3 layers (1877) 460 / 460, 0.76; 64 wide (2324) 457 / 469,
     # 0.75. On the first Muon demo's tokenizer, 3 layers gave 423 / 429 against 420 / 407.
-    # Two whole demos with 3 layers of 64: 464 / 461 and 458 / 463.
+    # Two whole demos with 3 layers of 64: 464 / 461 and 458 / 463 (with the convolutions
+    # below on the inputs: 459 / 472 and 452 / 468).
     # An MLP of 128 (2991 steps) gave 458 / 461 and 0.77: the MLP stays at 256. Nor did
     # 4 heads of 16 (447 / 458, 0.75), batch 32 for twice the steps (462 / 453, 0.77) or
     # 128 for half (442 / 454, 0.77), Muon at 2e-2 (469 / 462, 0.76) or AdaLN from the
@@ -116,8 +117,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     num_layers=3,
     num_heads=2,
     mlp_dim=256,
-    # 2300-2500 fit in the time limit on 2 cores (2324, 2368 and 2484 measured), so the
-    # cosine ends at ~15-20% of the peak rate.
+    # 2600-2750 fit in the time limit on 2 cores (2664 and 2748 measured; 2300-2500 with the
+    # convolution inside the MLPs), so the cosine ends at ~10% of the peak rate.
     # Annealing fully within the time did no better (with 4 layers of 128 and 330 s, a cosine
     # of 950 steps gave 317/600 at 840 steps; runs of 1250: 343, 368).
     steps=3350,
@@ -204,7 +205,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # (5445 steps of a schedule of 7000) on the tokenizer and data of a 10-minute run drew
     # 495 and 488 of 600 single-object images right (seeds 0-4 and 100-104; squares 96 and
     # 91 of 200), against 471 and 448 for that run's own 390 s base (2026-11-27). A whole
-    # run of this variant: 17.5 minutes, 488 and 479; another with seed 1, 510 and 503.
+    # run of this variant: 17.5 minutes, 487 and 495 (before, with the convolution inside
+    # the MLPs: 488 and 479; another with seed 1, 510 and 503).
     c.base.update(steps=7000, time_limit_s=900.0)
   elif arg not in (None, ""):
     raise ValueError(f"configs/demo.py: unknown variant {arg!r}; expected '', 'tiny' or 'long'")

@@ -360,7 +360,8 @@ class GridConv(nn.Module):
       self.param_dtype,
     )  # [3, 3, D]
     x = x.astype(self.dtype)
-    conv = depthwise_conv3x3(x.reshape(batch, *self.grid, d), kernel.astype(self.dtype)[:, :, None])
+    grid = x.reshape(batch, *self.grid, d)  # [B, h, w, D]
+    conv = depthwise_conv3x3(grid, kernel.astype(self.dtype)[:, :, None])  # [B, h, w, D]
     return x + conv.reshape(batch, length, d)
 
 

@@ -108,7 +108,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # 430 / 434, 0.81; 96 wide, 3 layers (1877) 460 / 460, 0.76; 64 wide (2324) 457 / 469,
     # 0.75. On the first Muon demo's tokenizer, 3 layers gave 423 / 429 against 420 / 407.
     # Two whole demos with 3 layers of 64: 464 / 461 and 458 / 463 (with the convolutions
-    # below on the inputs: 459 / 472 and 452 / 468).
+    # below on the inputs: 459 / 472 and 452 / 468). With those, 4 layers of 64 (1851 steps)
+    # gave 471 / 457 and 0.73 against 487 / 481 and 0.69 for 3.
     # An MLP of 128 (2991 steps) gave 458 / 461 and 0.77: the MLP stays at 256. Nor did
     # 4 heads of 16 (447 / 458, 0.75), batch 32 for twice the steps (462 / 453, 0.77) or
     # 128 for half (442 / 454, 0.77), Muon at 2e-2 (469 / 462, 0.76) or AdaLN from the

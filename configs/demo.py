@@ -202,10 +202,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.count_prompts = 1
     c.relation_prompts = 1
   elif arg == "long":
-    # The demo is short of base compute, not of anything else: its base given 15 minutes
-    # (5445 steps of a schedule of 7000) on the tokenizer and data of a 10-minute run drew
-    # 495 and 488 of 600 single-object images right (seeds 0-4 and 100-104; squares 96 and
-    # 91 of 200), against 471 and 448 for that run's own 390 s base (2026-11-27). A whole
+    # The demo is short of base compute, not of anything else: its base (then with the
+    # convolution inside the MLPs) given 15 minutes (5445 steps of a schedule of 7000) on
+    # the tokenizer and data of a 10-minute run drew 495 and 488 of 600 single-object images
+    # right (seeds 0-4 and 100-104; squares 96 and 91 of 200), against 471 and 448 for that
+    # run's own 390 s base (2026-11-27). A whole
     # run of this variant: 17.5 minutes, 487 and 495 (before, with the convolution inside
     # the MLPs: 488 and 479; another with seed 1, 510 and 503).
     c.base.update(steps=7000, time_limit_s=900.0)

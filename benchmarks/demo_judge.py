@@ -9,6 +9,11 @@ measure behind the README's "459 of 600" (8 images, seeds 0-4, and again 100-104
 
   python benchmarks/demo_judge.py --workdir /tmp/muse_demo
   python benchmarks/demo_judge.py --workdir /tmp/muse_demo --seeds 100-104 --out /tmp/j.json
+  python benchmarks/demo_judge.py --workdir /tmp/muse_demo --sampler guidance_scale=1.5
+
+``--sampler NAME=VALUE`` (repeatable) overrides one of the run's sampler settings
+(``muse_jax.pipeline.SamplerOptions``: num_steps, schedule, temperature, choice_temperature,
+top_k, guidance_scale, guidance_schedule); VALUE is read as JSON, else kept as a string.
 """
 
 from __future__ import annotations
@@ -33,11 +38,30 @@ def seed_list(text: str) -> list[int]:
   return seeds
 
 
+def sampler_override(text: str) -> tuple[str, object]:
+  """'guidance_scale=1.5' -> ('guidance_scale', 1.5); 'schedule=cosine' -> ('schedule', 'cosine')."""
+  name, sep, value = text.partition("=")
+  if not sep or not name:
+    raise argparse.ArgumentTypeError(f"expected NAME=VALUE, e.g. guidance_scale=1.5; got {text!r}")
+  try:
+    return name, json.loads(value)
+  except json.JSONDecodeError:
+    return name, value
+
+
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--workdir", required=True, help="a finished `muse-jax demo` workdir")
   parser.add_argument("--seeds", type=seed_list, default=seed_list("0-4"), help="e.g. 0-4 or 0,5")
   parser.add_argument("--images-per-prompt", type=int, default=8)
+  parser.add_argument(
+    "--sampler",
+    type=sampler_override,
+    action="append",
+    default=[],
+    metavar="NAME=VALUE",
+    help="override one of the run's sampler settings (repeatable)",
+  )
   parser.add_argument("--out", default=None, help="also write the counts as JSON here")
   args = parser.parse_args()
 
@@ -52,13 +76,20 @@ def main() -> None:
   config = demo_config(workdir)
   texts = [p.text for p in evaluate.prompts(config) if p.form == "single" and not p.held_out]
   pipeline = runs.load_pipeline(workdir)
+  overrides = dict(args.sampler)
+  try:  # an unknown name fails here, before any image
+    pipeline.base_options.override(**overrides)
+  except TypeError as e:
+    parser.error(f"--sampler: {e}; expected names of muse_jax.pipeline.SamplerOptions")
 
   n = args.images_per_prompt
   right, drawn = collections.Counter(), collections.Counter()  # by shape, over all seeds
   per_seed = {}
   start = time.perf_counter()
   for seed in args.seeds:
-    pictures = evaluate.generate(pipeline, texts, n, seed * len(texts))  # disjoint call seeds
+    pictures = evaluate.generate(
+      pipeline, texts, n, seed * len(texts), **overrides
+    )  # disjoint call seeds
     verdicts = [bool(shapes.judge(p, texts[i // n])) for i, p in enumerate(pictures)]
     per_seed[seed] = sum(verdicts)
     for i, ok in enumerate(verdicts):
@@ -69,7 +100,7 @@ def main() -> None:
   print(
     f"{sum(per_seed.values())}/{total} right ({sum(per_seed.values()) / total:.1%}) over "
     f"{len(texts)} seen single-object prompts x {n} images x seeds {args.seeds} "
-    f"({time.perf_counter() - start:.0f} s)"
+    f"({time.perf_counter() - start:.0f} s){', sampler ' + str(overrides) if overrides else ''}"
   )
   print("by seed: " + ", ".join(f"{s}: {c}/{len(texts) * n}" for s, c in per_seed.items()))
   print("by shape: " + ", ".join(f"{s} {right[s]}/{drawn[s]}" for s in shapes.SHAPES))
@@ -82,6 +113,7 @@ def main() -> None:
           per_seed=per_seed,
           per_shape=dict(right),
           seeds=args.seeds,
+          sampler=overrides,
           images_per_prompt=n,
         ),
         indent=2,

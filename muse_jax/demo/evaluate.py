@@ -11,6 +11,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import pathlib
+from typing import Any
 
 import ml_collections
 import numpy as np
@@ -53,14 +54,17 @@ def prompts(config: ml_collections.ConfigDict) -> list[Prompt]:
   return out
 
 
-def generate(pipeline: MusePipeline, texts: list[str], n: int, seed: int) -> np.ndarray:
-  """n images per prompt, in calls of at most MAX_IMAGES_PER_CALL images."""
+def generate(
+  pipeline: MusePipeline, texts: list[str], n: int, seed: int, **options: Any
+) -> np.ndarray:
+  """n images per prompt, in calls of at most MAX_IMAGES_PER_CALL images; ``options``
+  override the run's sampler settings (``MusePipeline.generate``'s keyword arguments)."""
   per_call = max(1, MAX_IMAGES_PER_CALL // n)
   chunks = [texts[i : i + per_call] for i in range(0, len(texts), per_call)]
   pictures = []
   with tqdm.tqdm(total=len(texts) * n, desc="generate", unit="img") as bar:
     for i, chunk in enumerate(chunks):
-      pictures.append(pipeline.generate(chunk, seed=seed + i, num_images_per_prompt=n))
+      pictures.append(pipeline.generate(chunk, seed=seed + i, num_images_per_prompt=n, **options))
       bar.update(len(pictures[-1]))
   return np.concatenate(pictures)
 

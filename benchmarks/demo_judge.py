@@ -87,9 +87,9 @@ def main() -> None:
   per_seed = {}
   start = time.perf_counter()
   for seed in args.seeds:
-    pictures = evaluate.generate(
-      pipeline, texts, n, seed * len(texts), **overrides
-    )  # disjoint call seeds
+    # evaluate.generate seeds its i-th call with seed + i (fewer calls than prompts): spaced
+    # by the prompt count, no two of --seeds share a call's seed.
+    pictures = evaluate.generate(pipeline, texts, n, seed * len(texts), **overrides)
     verdicts = [bool(shapes.judge(p, texts[i // n])) for i, p in enumerate(pictures)]
     per_seed[seed] = sum(verdicts)
     for i, ok in enumerate(verdicts):

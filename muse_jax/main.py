@@ -13,6 +13,8 @@ import sys
 
 from absl import app, flags, logging
 
+from muse_jax import host_memory
+
 # name -> (module, one line of help). Keep sorted by the order a user meets them.
 COMMANDS: dict[str, tuple[str, str]] = {
   "demo": (
@@ -111,6 +113,7 @@ def run(argv: list[str] | None = None) -> None:
       f"muse-jax: unknown command {name!r}; expected one of {', '.join(COMMANDS)}.\n\n{_usage()}"
     )
   enable_compile_cache()
+  host_memory.reuse_freed_memory()  # before jax starts its threads
   module = importlib.import_module(COMMANDS[name][0])
   prog = f"muse-jax {name}"
   if any(a in ("-h", "--help", "-help") for a in argv[2:]):

@@ -118,11 +118,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     num_layers=3,
     num_heads=2,
     mlp_dim=256,
-    # 2600-2750 fit in the time limit on 2 cores (2664 and 2748 measured; 2300-2500 with the
-    # convolution inside the MLPs), so the cosine ends at ~10% of the peak rate.
-    # Annealing fully within the time did no better (with 4 layers of 128 and 330 s, a cosine
-    # of 950 steps gave 317/600 at 840 steps; runs of 1250: 343, 368).
-    steps=3350,
+    # All 4000 fit in the time limit on 2 Intel Xeon cores since XLA's freed temporaries are
+    # reused (muse_jax/host_memory.py; 366 s for 4000 steps, against 3350 in 384 s before,
+    # 2026-12-07); on the Zen 4 of 2026-11-27, 2600-2750 of 3350 fit, and the cosine ended
+    # at ~10% of the peak rate. Annealing fully within the time did no better (with 4 layers
+    # of 128 and 330 s, a cosine of 950 steps gave 317/600 at 840 steps; runs of 1250: 343,
+    # 368). On one tokenizer and data, 4000 steps drew 463 / 473 of 600 (seeds 0-4 /
+    # 100-104) against 481 / 477 with 3350: within the spread of one base's count.
+    steps=4000,
     batch_size=64,  # 16 x 4 the steps tied (4 x 128); 32 tied, 128 did worse (3 x 64)
     # Muon for the hidden matrices, AdamW for the rest (muse_jax/optim.py). Bases (128 wide,
     # 4 layers) trained 390 s on one tokenizer, judged by their masked-token predictions on
@@ -179,7 +182,15 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # configured, seeds 0-4 and 100-104): temperature 0.3 1846, 0.75 1846, 1.0 1818;
     # guidance 1.5 1843, 2.5 1801; choice temperature 1 1853; 16 steps 1786. It stays.
     schedule="cosine",
-    num_steps=24,
+    # 64 steps, one token each on the 8x8 grid, rather than the paper's 24 for 256 tokens:
+    # tokens revealed in one step are drawn independently of each other, and a square's
+    # sides are drawn by tokens far apart. On the Intel demo's base of 2026-12-07 (seeds
+    # 0-4, 100-104, 200-204, 300-304): 1901 of 2400 right, against 1885 with 48 steps, 1852
+    # with 24 and 467 of 600 with 32. At 64 steps the rest holds (seeds 0-4 and 100-104;
+    # 958 of 1200 as configured): temperature 0.3 922, 1.0 945; choice temperature 1 951,
+    # 4 946; guidance 1.5 952, 3 902. Generation takes twice as long (600 images in 26 s
+    # against 13).
+    num_steps=64,
     guidance_scale=2.0,
     guidance_schedule="constant",
     temperature=0.5,

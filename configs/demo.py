@@ -118,14 +118,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     num_layers=3,
     num_heads=2,
     mlp_dim=256,
-    # All 4000 fit in the time limit on 2 Intel Xeon cores since XLA's freed temporaries are
-    # reused (muse_jax/host_memory.py; 366 s for 4000 steps, against 3350 in 384 s before,
-    # 2026-12-07); on the Zen 4 of 2026-11-27, 2600-2750 of 3350 fit, and the cosine ended
-    # at ~10% of the peak rate. Annealing fully within the time did no better (with 4 layers
-    # of 128 and 330 s, a cosine of 950 steps gave 317/600 at 840 steps; runs of 1250: 343,
-    # 368). On one tokenizer and data, 4000 steps drew 463 / 473 of 600 (seeds 0-4 /
-    # 100-104) against 481 / 477 with 3350: within the spread of one base's count.
-    steps=4000,
+    # On 2 Intel Xeon cores all 3350 run in ~310 s since XLA's freed temporaries are reused
+    # (muse_jax/host_memory.py; 384 s before, 2026-12-07), and the time limit is left as it
+    # was for slower CPUs: on the Zen 4 of 2026-11-27, 2600-2750 fit, and the cosine ended at
+    # ~10% of the peak rate. A schedule of 4000, which the freed time fits, drew 463 / 473
+    # of 600 (seeds 0-4 / 100-104) against 481 / 477 on the same tokenizer and data: no
+    # gain. Annealing fully within the time did no better either (with 4 layers of 128 and
+    # 330 s, a cosine of 950 steps gave 317/600 at 840 steps; runs of 1250: 343, 368).
+    steps=3350,
     batch_size=64,  # 16 x 4 the steps tied (4 x 128); 32 tied, 128 did worse (3 x 64)
     # Muon for the hidden matrices, AdamW for the rest (muse_jax/optim.py). Bases (128 wide,
     # 4 layers) trained 390 s on one tokenizer, judged by their masked-token predictions on

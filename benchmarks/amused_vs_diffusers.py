@@ -35,6 +35,9 @@ Needs torch, diffusers and transformers (not the test suite's dependencies):
 ``--batch B`` makes every call B images of the one prompt (both sides batch them in one
 model call per step) and adds images per second: throughput instead of latency.
 
+On a CPU, glibc's malloc is set as the ``muse-jax`` command sets it (``muse_jax/host_memory.py``),
+for both sides: the process is one. ``MUSE_JAX_MALLOC=default`` leaves it as it is.
+
 On the CPU the breakdown counts CPU seconds (with one thread per side, as under `taskset -c 0`,
 that is the work done, whatever else the machine runs). Diffusers' parts are timed
 around its modules' calls; ours as separately compiled functions: the text encoder, the N
@@ -364,6 +367,11 @@ def main() -> None:
 
   if args.device == "cpu":
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    # As the `muse-jax` command does: freed blocks are kept for the next call, which both
+    # sides of this one process then share (MUSE_JAX_MALLOC=default to measure without).
+    from muse_jax import host_memory
+
+    host_memory.reuse_freed_memory()
   else:  # JAX takes GPU memory as it goes, leaving torch its share; the CPU counts FLOPs
     os.environ.setdefault("JAX_PLATFORMS", "cuda,cpu")
     os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")

@@ -5,7 +5,7 @@ seen pairs in all: one standard error is then ~5 points of the 80% goal. This dr
 ``--images-per-prompt`` images of each seen single-object prompt for each seed of
 ``--seeds`` with the run's own pipeline and sampler (its ``pipeline.json``), judges each
 with the shapes set's judge, and prints the count right per seed and per shape: the
-measure behind the README's "459 of 600" (8 images, seeds 0-4, and again 100-104).
+measure behind the README's "481 of 600" (8 images, seeds 0-4, and again 100-104).
 
   python benchmarks/demo_judge.py --workdir /tmp/muse_demo
   python benchmarks/demo_judge.py --workdir /tmp/muse_demo --seeds 100-104 --out /tmp/j.json
@@ -75,6 +75,7 @@ def main() -> None:
     parser.error(f"--workdir {workdir} has no pipeline.json: run `muse-jax demo` there first")
   config = demo_config(workdir)
   texts = [p.text for p in evaluate.prompts(config) if p.form == "single" and not p.held_out]
+  shape_of = [shapes.parse_caption(t).pairs[0][1] for t in texts]  # [prompt] -> its shape
   pipeline = runs.load_pipeline(workdir)
   overrides = dict(args.sampler)
   try:  # an unknown name fails here, before any image
@@ -93,9 +94,8 @@ def main() -> None:
     verdicts = [bool(shapes.judge(p, texts[i // n])) for i, p in enumerate(pictures)]
     per_seed[seed] = sum(verdicts)
     for i, ok in enumerate(verdicts):
-      shape = shapes.parse_caption(texts[i // n]).pairs[0][1]
-      right[shape] += ok
-      drawn[shape] += 1
+      right[shape_of[i // n]] += ok
+      drawn[shape_of[i // n]] += 1
   total = sum(drawn.values())
   print(
     f"{sum(per_seed.values())}/{total} right ({sum(per_seed.values()) / total:.1%}) over "

@@ -1,6 +1,6 @@
 """The demo: Muse trained and sampled end to end on the synthetic shapes set, on a CPU.
 
-  muse-jax demo --workdir /tmp/muse_demo                      # ~9 minutes on 2 cores
+  muse-jax demo --workdir /tmp/muse_demo                      # 7-9 minutes on 2 cores
   muse-jax demo --workdir /tmp/demo_tiny --config=configs/demo.py:tiny   # a minute: the test's
   muse-jax demo --workdir /tmp/demo_long --config=configs/demo.py:long  # ~18 minutes: ~80%
 

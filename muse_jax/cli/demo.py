@@ -1,6 +1,6 @@
 """The demo: trains Muse on the synthetic shapes set and judges what it generates.
 
-On this kind of machine (2 CPU cores) it takes about 9 minutes: a frozen text encoder,
+On this kind of machine (2 CPU cores) it takes 7-9 minutes: a frozen text encoder,
 a VQ tokenizer and a base transformer are trained by the library's own trainers on
 coloured shapes (some colour/shape pairs held out), then images are generated for
 prompts of every caption form (seen and held-out pairs) plus an inpainting example, and

@@ -2,6 +2,9 @@
 
 import collections
 import json
+import os
+import subprocess
+import sys
 
 import numpy as np
 from PIL import Image, ImageFilter
@@ -88,6 +91,34 @@ def test_held_out_pairs_and_form_weights():
     shapes.ShapesSource(held_out=("pink circle",))
   with pytest.raises(ValueError, match="heldout"):
     shapes.ShapesSource(split="heldout")
+
+
+def test_shape_weights():
+  weighted = (("circle", 1.0), ("square", 3.0), ("triangle", 1.0))
+  scenes = _scenes(2000, seed=5, shape_weights=weighted, held_out=("red square",))
+  frequency = collections.Counter(o.shape for s in scenes for o in s.objects[:1])
+  # Squares have 5 allowed colours, circles and triangles 6: 15 / (15 + 6 + 6) of the draws.
+  assert abs(frequency["square"] / 2000 - 15 / 27) < 0.04, frequency
+  assert not any(o.pair == ("red", "square") for s in scenes for o in s.objects)
+  # A shape of weight 0 is never drawn, in any form; a shape left out weighs 0.
+  for weights in (
+    (("circle", 1.0), ("square", 0.0), ("triangle", 2.0)),
+    (("circle", 1.0), ("triangle", 2.0)),
+  ):
+    assert not any(
+      o.shape == "square" for s in _scenes(300, seed=5, shape_weights=weights) for o in s.objects
+    )
+  # Equal weights, whatever their value, draw the set of the default options.
+  equal = _scenes(50, seed=5, shape_weights=(("circle", 2.0), ("square", 2.0), ("triangle", 2.0)))
+  assert equal == _scenes(50, seed=5)
+  with pytest.raises(ValueError, match="hexagon"):
+    shapes.ShapesSource(shape_weights=(("hexagon", 1.0),))
+  with pytest.raises(ValueError, match=r"weights must be >= 0; got \{'square': -1.0\}"):
+    shapes.ShapesSource(shape_weights=(("square", -1.0),))
+  with pytest.raises(ValueError, match="every shape has weight 0"):
+    shapes.ShapesSource(shape_weights=(("square", 0.0),))
+  with pytest.raises(ValueError, match="no \\(colour, shape\\) pair is left"):
+    shapes.ShapesSource(split="heldout", held_out=("red square",), shape_weights=(("circle", 1.0),))
 
 
 def test_parse_caption_rejects_other_text():
@@ -242,3 +273,29 @@ def test_write_folder(tmp_path):
     image = np.asarray(Image.open(tmp_path / r["file"]))
     np.testing.assert_array_equal(image, src[r["index"]]["image"])
     assert r["caption"] == src[r["index"]]["caption"]
+
+
+def _make_shapes(*flags):
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  command = [sys.executable, "-m", "muse_jax.main", "make-shapes", *flags]
+  return subprocess.run(command, capture_output=True, text=True, env=env, timeout=120)
+
+
+def test_make_shapes_command(tmp_path):
+  done = _make_shapes(
+    "--n=6", "--size=32", f"--out={tmp_path}", "--shape_weights=square=1", "--forms=single=1"
+  )
+  assert done.returncode == 0, done.stderr
+  rows = [json.loads(line) for line in (tmp_path / "captions.jsonl").read_text().splitlines()]
+  assert len(rows) == 6 and all(
+    shapes.parse_caption(r["caption"]).pairs[0][1] == "square" for r in rows
+  )
+  options = json.loads((tmp_path / "shapes.json").read_text())
+  assert options["shape_weights"] == [["square", 1.0]] and options["forms"] == [["single", 1.0]]
+  for flag, message in [
+    ("--shape_weights=hexagon=1", "unknown shapes ['hexagon']"),
+    ("--shape_weights=square=many", "--shape_weights entry 'square=many' is not name=weight"),
+  ]:
+    done = _make_shapes("--n=1", f"--out={tmp_path / 'bad'}", flag)
+    assert done.returncode != 0 and message in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr

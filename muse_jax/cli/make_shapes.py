@@ -4,7 +4,8 @@ Coloured circles, squares and triangles on white, captioned "a red circle", "thr
 squares" or "a red circle left of a blue square" (see muse_jax/data/shapes.py for the exact
 convention). Example i is the same on every machine for the same --seed and --split, so
 the folder can be regenerated; hold (colour, shape) pairs out of training with --held_out
-and write the pairs never seen with --split=heldout.
+and write the pairs never seen with --split=heldout; draw a shape more often with
+--shape_weights.
 
   muse-jax make-shapes --n=10000 --size=64 --out=/tmp/shapes
   muse-jax make-shapes --n=1000 --out=/tmp/shapes_eval --held_out="purple triangle" --split=heldout
@@ -32,17 +33,23 @@ _FORMS = flags.DEFINE_list(
   ["single=1", "count=1", "relation=1"],
   "Caption forms and their weights, as form=weight (single, count, relation).",
 )
+_SHAPE_WEIGHTS = flags.DEFINE_list(
+  "shape_weights",
+  ["circle=1", "square=1", "triangle=1"],
+  "How often each shape is drawn, as shape=weight (circle, square, triangle); a shape left "
+  "out is never drawn.",
+)
 
 
-def _parse_forms(items: list[str]) -> tuple[tuple[str, float], ...]:
-  forms = []
+def _parse_weights(items: list[str], flag: str, example: str) -> tuple[tuple[str, float], ...]:
+  weights = []
   for item in items:
     name, _, weight = item.partition("=")
     try:
-      forms.append((name.strip(), float(weight) if weight else 1.0))
+      weights.append((name.strip(), float(weight) if weight else 1.0))
     except ValueError:
-      raise app.UsageError(f"--forms entry {item!r} is not form=weight (e.g. count=2)") from None
-  return tuple(forms)
+      raise app.UsageError(f"--{flag} entry {item!r} is not name=weight (e.g. {example})") from None
+  return tuple(weights)
 
 
 def main(argv: list[str]) -> None:
@@ -55,7 +62,8 @@ def main(argv: list[str]) -> None:
       size=_SIZE.value,
       seed=_SEED.value,
       split=_SPLIT.value,
-      forms=_parse_forms(_FORMS.value),
+      forms=_parse_weights(_FORMS.value, "forms", "count=2"),
+      shape_weights=_parse_weights(_SHAPE_WEIGHTS.value, "shape_weights", "square=2"),
       held_out=tuple(_HELD_OUT.value),
     )
   except ValueError as e:

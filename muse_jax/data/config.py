@@ -40,6 +40,7 @@ def default_data_config() -> ml_collections.ConfigDict:
     seed=0,
     split="train",  # "train", "heldout" or "all"
     forms=dict(single=1.0, count=1.0, relation=1.0),  # caption forms and weights
+    shape_weights=dict(circle=1.0, square=1.0, triangle=1.0),  # how often each shape is drawn
     held_out=(),  # "colour shape" pairs never drawn in train, e.g. ("purple triangle",)
   )
   c.resolution = 256  # side of the square crop

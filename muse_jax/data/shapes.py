@@ -20,9 +20,9 @@ The convention, fixed so that anyone can judge an image against its caption:
     relation: `a {colour} {shape} {left of|right of|above|below} a {colour} {shape}`
               (two different objects; bounding-box centres at least 20% of the canvas apart
               along that axis, in the stated direction)
-- Options: the weight of each form, and (colour, shape) pairs held out of training. The
-  `train` split never draws a held-out pair; the `heldout` split draws only captions that
-  mention one, so compositional generalisation is measured on pairs never seen.
+- Options: the weight of each form and of each shape, and (colour, shape) pairs held out of
+  training. The `train` split never draws a held-out pair; the `heldout` split draws only
+  captions that mention one, so compositional generalisation is measured on pairs never seen.
 
 Rendering draws at 4x resolution and box-filters down, so edges are anti-aliased the way a
 photograph's would be. `judge` (in `muse_jax.data.judge`) decides from pixels whether an
@@ -205,11 +205,40 @@ def _place(
   raise RuntimeError(f"could not place {pairs} on a {size}px canvas")  # never seen in practice
 
 
+def _weights(
+  given: Mapping[str, float] | None, names: tuple[str, ...], what: str
+) -> dict[str, float]:
+  """`given` completed to every name (missing ones weigh 0; None: all 1), checked."""
+  weights = dict.fromkeys(names, 1.0) if given is None else dict.fromkeys(names, 0.0) | dict(given)
+  if unknown := set(weights) - set(names):
+    raise ValueError(f"unknown {what} {sorted(unknown)}; expected some of {names}")
+  if negative := {k: w for k, w in weights.items() if w < 0}:
+    raise ValueError(f"{what} weights must be >= 0; got {negative}")
+  if not any(w > 0 for w in weights.values()):
+    raise ValueError(f"every {what[:-1]} has weight 0: {dict(given or {})}")
+  return weights
+
+
+def _pick_pair(
+  rng: np.random.Generator, options: list[Pair], shape_weights: dict[str, float]
+) -> Pair:
+  """One of `options`, each as likely as its shape's weight.
+
+  Equal weights draw one integer, as the set did before it had shape weights, so that a set
+  made with the default options is the same image for image.
+  """
+  weights = np.array([shape_weights[shape] for _, shape in options], np.float64)
+  if np.all(weights == weights[0]):
+    return options[rng.integers(len(options))]
+  return options[rng.choice(len(options), p=weights / weights.sum())]
+
+
 def sample_scene(
   rng: np.random.Generator,
   *,
   size: int = 64,
   forms: Mapping[str, float] | None = None,
+  shape_weights: Mapping[str, float] | None = None,
   held_out: frozenset[Pair] = frozenset(),
   split: str = "train",
 ) -> Scene:
@@ -219,34 +248,38 @@ def sample_scene(
     rng: the example's own generator.
     size: canvas side in pixels (only used to keep the 2-pixel gap on tiny canvases).
     forms: weight of each caption form; default all equal. Zero drops a form.
+    shape_weights: weight of each shape; default all equal. Every (colour, shape) pair that
+      the split allows is drawn with a probability proportional to its shape's weight, in
+      every form; zero drops a shape. A set can give a shape that is harder to learn more
+      of the examples (the demo: squares).
     held_out: (colour, shape) pairs to keep out of the `train` split.
     split: "train" (no held-out pair), "heldout" (captions that mention one) or "all".
 
   Returns:
     The scene; `render(scene, size)` draws it.
   """
-  forms = dict.fromkeys(FORMS, 1.0) if forms is None else dict(forms)
-  if unknown := set(forms) - set(FORMS):
-    raise ValueError(f"unknown caption forms {sorted(unknown)}; expected some of {FORMS}")
-  names = [f for f in FORMS if forms.get(f, 0) > 0]
-  if not names:
-    raise ValueError(f"every caption form has weight 0: {forms}")
+  forms = _weights(forms, FORMS, "caption forms")
+  shape_weights = _weights(shape_weights, SHAPES, "shapes")
   if split not in SPLITS:
     raise ValueError(f"split {split!r} is not one of {SPLITS}")
-  everything = [(c, s) for c in PALETTE for s in SHAPES]
+  everything = [(c, s) for c in PALETTE for s in SHAPES if shape_weights[s] > 0]
   if split == "heldout" and not held_out:
     raise ValueError("the 'heldout' split needs at least one held-out (colour, shape) pair")
   allowed = {
     "train": [p for p in everything if p not in held_out],
-    "heldout": sorted(held_out),
+    "heldout": [p for p in sorted(held_out) if shape_weights[p[1]] > 0],
     "all": everything,
   }[split]
   if not allowed:
-    raise ValueError(f"every (colour, shape) pair is held out: {sorted(held_out)}")
+    raise ValueError(
+      f"no (colour, shape) pair is left to draw: held out {sorted(held_out)}, "
+      f"shapes of weight 0 {sorted(s for s, w in shape_weights.items() if w == 0)}"
+    )
 
+  names = [f for f in FORMS if forms[f] > 0]
   weights = np.array([forms[f] for f in names], np.float64)
   form = names[rng.choice(len(names), p=weights / weights.sum())]
-  pick = lambda options: options[rng.integers(len(options))]
+  pick = lambda options: _pick_pair(rng, options, shape_weights)
   if form == "single":
     pair = pick(allowed)
     return Scene(form, caption_single(*pair), _place(rng, [pair], size, None))
@@ -254,7 +287,7 @@ def sample_scene(
     n = int(rng.integers(2, 5))
     pair = pick(allowed)
     return Scene(form, caption_count(n, *pair), _place(rng, [pair] * n, size, None))
-  relation = pick(RELATIONS)
+  relation = RELATIONS[rng.integers(len(RELATIONS))]
   a = pick(allowed)
   # The other object is any pair the split allows; in "heldout" one held-out pair is enough.
   others = [p for p in (everything if split == "heldout" else allowed) if p != a]
@@ -304,6 +337,7 @@ class ShapesSource:
   seed: int = 0  # different seeds give different sets
   split: str = "train"  # "train", "heldout" or "all"; see `sample_scene`
   forms: tuple[tuple[str, float], ...] = (("single", 1.0), ("count", 1.0), ("relation", 1.0))
+  shape_weights: tuple[tuple[str, float], ...] = tuple((s, 1.0) for s in SHAPES)  # all alike
   held_out: tuple[str, ...] = ()  # "colour shape" pairs kept out of the train split
   length: int = 2**31 - 1  # number of indices
 
@@ -317,6 +351,7 @@ class ShapesSource:
     return dict(
       size=self.size,
       forms=dict(self.forms),
+      shape_weights=dict(self.shape_weights),
       held_out=parse_pairs(self.held_out),
       split=self.split,
     )

@@ -197,6 +197,7 @@ def make_source(
       seed=s.seed,
       split=s.split,
       forms=tuple(s.forms.items()),
+      shape_weights=tuple(s.shape_weights.items()),
       held_out=tuple(s.held_out),
     )
   else:

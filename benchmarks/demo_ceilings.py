@@ -2,7 +2,8 @@
 
 The demo (``muse-jax demo``) judges images generated from a prompt alone. When too few
 pass, this says which stage falls short. It takes fresh single-object images of the
-training split (indices far past the pre-encoded ones) and reports, by object size:
+training split (indices far past the pre-encoded ones) and reports, by object size and
+by shape:
 
 1. the tokenizer's ceiling: each image encoded and decoded, the judge on the
    reconstruction, with the tokenizer's own decoder and, when the run trained one, the
@@ -16,6 +17,7 @@ With the commonest failures of each, as (asked, found) pairs.
 
   python benchmarks/demo_ceilings.py --workdir /tmp/muse_demo
   python benchmarks/demo_ceilings.py --workdir /tmp/muse_demo --n 48 --skip-inpainting
+  python benchmarks/demo_ceilings.py --workdir /tmp/muse_demo --n 600 --skip-inpainting --equal-shapes
 """
 
 from __future__ import annotations
@@ -43,9 +45,12 @@ def demo_config(workdir: pathlib.Path):
   from configs import demo
 
   report = workdir / "report.json"
-  if report.is_file():
-    return ml_collections.ConfigDict(json.loads(report.read_text())["config"])
-  return demo.get_config()
+  if not report.is_file():
+    return demo.get_config()
+  config = ml_collections.ConfigDict(json.loads(report.read_text())["config"])
+  if "shape_weights" not in config:  # a run from before the weights drew every shape alike
+    config.shape_weights = dict.fromkeys(("circle", "square", "triangle"), 1.0)
+  return config
 
 
 def size_class(side: float) -> str:
@@ -56,35 +61,40 @@ def size_class(side: float) -> str:
 
 
 def failure(verdict, caption: str) -> str:
-  """'asked -> found': 'square -> circle', 'circle -> irregular', 'triangle -> 0 objects'."""
+  """'asked -> found': 'square -> circle', 'triangle -> 0 objects', 'circle -> colour orange'."""
   asked = caption.split()[-1]
   if m := re.search(r"found (\d+)", verdict.reason):
     return f"{asked} -> {m[1]} objects"
-  if m := re.search(r"found an? \w+ (\w+) at", verdict.reason):
-    return f"{asked} -> {m[1]}"
+  if m := re.search(r"found (?:an? )?(\w+) (\w+) at", verdict.reason):
+    colour, shape = m[1], m[2]
+    return f"{asked} -> {shape}" if shape != asked else f"{asked} -> colour {colour}"
   return f"{asked} -> {verdict.reason}"
 
 
 class Tally:
   def __init__(self):
     self.by_size = collections.defaultdict(lambda: [0, 0])
+    self.by_shape = collections.defaultdict(lambda: [0, 0])
     self.failures = collections.Counter()
 
   def add(self, verdict, caption: str, side: float) -> None:
-    cell = self.by_size[size_class(side)]
-    cell[0] += bool(verdict)
-    cell[1] += 1
+    for cell in (self.by_size[size_class(side)], self.by_shape[caption.split()[-1]]):
+      cell[0] += bool(verdict)
+      cell[1] += 1
     if not verdict:
       self.failures[failure(verdict, caption)] += 1
 
   def line(self, name: str) -> str:
     passed = sum(c[0] for c in self.by_size.values())
     total = sum(c[1] for c in self.by_size.values())
-    sizes = "  ".join(
-      f"{s} {self.by_size[s][0]}/{self.by_size[s][1]}" for s in SIZE_NAMES if self.by_size[s][1]
-    )
+    cells = lambda tally: "  ".join(f"{k} {p}/{n}" for k, (p, n) in tally if n)
+    sizes = cells((s, self.by_size[s]) for s in SIZE_NAMES)
+    kinds = cells(sorted(self.by_shape.items()))
     worst = ", ".join(f"{k} x{v}" for k, v in self.failures.most_common(4))
-    return f"{name:<28} {passed:>4}/{total:<4} {passed / total:6.1%}   {sizes}\n{'':<30}failures: {worst or '-'}"
+    return (
+      f"{name:<28} {passed:>4}/{total:<4} {passed / total:6.1%}   {sizes}   {kinds}\n"
+      f"{'':<30}failures: {worst or '-'}"
+    )
 
 
 def main() -> None:
@@ -92,6 +102,12 @@ def main() -> None:
   parser.add_argument("--workdir", required=True, help="a finished `muse-jax demo` workdir")
   parser.add_argument("--n", type=int, default=192, help="single-object images judged")
   parser.add_argument("--skip-inpainting", action="store_true", help="the tokenizer only")
+  parser.add_argument(
+    "--equal-shapes",
+    action="store_true",
+    help="draw every shape alike, whatever the run's shape_weights: the same images for "
+    "runs trained with different weights",
+  )
   args = parser.parse_args()
   if args.n < 1:
     parser.error(f"--n must be at least 1; got {args.n}")
@@ -103,6 +119,8 @@ def main() -> None:
 
   workdir = pathlib.Path(args.workdir)
   config = demo_config(workdir)
+  if args.equal_shapes:
+    config.shape_weights = dict.fromkeys(shapes.SHAPES, 1.0)
   source = build.shapes_source(config, split="train")
   indices, scenes, i = [], [], FIRST_INDEX
   while len(indices) < args.n:

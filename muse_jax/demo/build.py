@@ -46,6 +46,7 @@ def shapes_source(config: ml_collections.ConfigDict, split: str = "train", lengt
     seed=config.seed,
     split=split,
     forms=tuple(dict(config.forms).items()),
+    shape_weights=tuple(dict(config.shape_weights).items()),
     held_out=tuple(config.held_out),
     length=length,
   )
@@ -87,7 +88,7 @@ def tokenizer_trainer_config(config: ml_collections.ConfigDict) -> ml_collection
   c.data.update(source="shapes", resolution=config.image_size, output="uint8", seed=config.seed,
                 num_threads=config.read_threads)  # fmt: skip
   c.data.shapes.update(size=config.image_size, seed=config.seed, split="train", forms=dict(config.forms),
-                       held_out=tuple(config.held_out))  # fmt: skip
+                       shape_weights=dict(config.shape_weights), held_out=tuple(config.held_out))  # fmt: skip
   return c
 
 

@@ -26,7 +26,6 @@ import argparse
 import collections
 import json
 import pathlib
-import re
 import sys
 
 import numpy as np
@@ -61,13 +60,18 @@ def size_class(side: float) -> str:
 
 
 def failure(verdict, caption: str) -> str:
-  """'asked -> found': 'square -> circle', 'triangle -> 0 objects', 'circle -> colour orange'."""
-  asked = caption.split()[-1]
-  if m := re.search(r"found (\d+)", verdict.reason):
-    return f"{asked} -> {m[1]} objects"
-  if m := re.search(r"found (?:an? )?(\w+) (\w+) at", verdict.reason):
-    colour, shape = m[1], m[2]
-    return f"{asked} -> {shape}" if shape != asked else f"{asked} -> colour {colour}"
+  """'asked -> found': 'square -> circle', 'triangle -> 0 objects', 'circle -> colour orange'.
+
+  Read from the verdict's detections (single-object captions), not from its reason's wording.
+  """
+  colour, asked = caption.split()[-2:]
+  found = verdict.detections
+  if len(found) != 1:
+    return f"{asked} -> {len(found)} objects"
+  if found[0].shape != asked:
+    return f"{asked} -> {found[0].shape}"
+  if found[0].colour != colour:
+    return f"{asked} -> colour {found[0].colour}"
   return f"{asked} -> {verdict.reason}"
 
 

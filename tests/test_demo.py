@@ -53,6 +53,16 @@ def test_tiny_demo_trains_generates_judges_and_reuses(tmp_path, monkeypatch, cap
   assert f"[demo] base: reusing {workdir / 'base'}" in capsys.readouterr().out
   assert [e["correct"] for e in again["images"]] == [e["correct"] for e in report["images"]]
 
+  # A reused stage's changed settings are named, not dropped in silence; the sampler's only
+  # change what is generated.
+  changed = config.copy_and_resolve_references()
+  changed.shape_weights.square, changed.base.lr, changed.sampler.num_steps = 5.0, 1e-3, 2
+  demo.run(changed, workdir)
+  out = capsys.readouterr().out
+  assert out.count("trained with other settings") == 2, out
+  assert "tokenizer.done to train it again): shape_weights.square: 3.0 -> 5.0\n" in out
+  assert f"base.done to train it again): base.lr: {config.base.lr} -> 0.001\n" in out
+
   _check_refilled_batches(config, tmp_path)
 
 

@@ -7,8 +7,10 @@ writes a run folder that `muse-jax sample --checkpoint WORKDIR` uses, generates 
 for prompts of every caption form plus an inpainting example, and judges each image from
 its pixels. Outputs: WORKDIR/samples.png, WORKDIR/report.json, WORKDIR/samples/.
 
-Each stage leaves a `<stage>.done` marker when it finishes; a second run reuses the
-finished stages and only generates.
+Each stage leaves a `<stage>.done` marker when it finishes, with the settings it was
+trained with; a second run reuses the finished stages and only generates, and says which
+of a reused stage's settings the new config changes (they have no effect until the stage's
+marker is removed).
 """
 
 from __future__ import annotations
@@ -30,6 +32,42 @@ STAGES: tuple[tuple[str, Callable[[ml_collections.ConfigDict, pathlib.Path], Non
   (build.BASE, build.train_base),
   (build.DECODER, build.finetune_decoder),
 )
+# The config's top-level entries that each stage is trained by, besides the outputs of the
+# stages before it. The rest (sampler, prompts) only change what is generated.
+STAGE_SETTINGS = {
+  build.TEXT: ("seed", "text"),
+  build.TOKENIZER: ("image_size", "held_out", "forms", "shape_weights", "tokenizer"),
+  build.DATA: ("preencode",),
+  build.BASE: ("base",),
+  build.DECODER: ("decoder",),
+}
+
+
+def _flat(tree: dict, prefix: str = "") -> dict[str, object]:
+  """{'a': {'b': 1}} -> {'a.b': 1}, values as JSON reads them back (tuples as lists)."""
+  out = {}
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      out |= _flat(value, f"{prefix}{key}.")
+    else:
+      out[f"{prefix}{key}"] = json.loads(json.dumps(value, default=str))
+  return out
+
+
+def stage_settings(config: ml_collections.ConfigDict, name: str) -> dict[str, object]:
+  """The settings that stage `name` is trained by, flattened ('tokenizer.steps': 2700)."""
+  return _flat({k: config.to_dict()[k] for k in STAGE_SETTINGS[name] if k in config})
+
+
+def changed_settings(marker: pathlib.Path, settings: dict[str, object]) -> list[str]:
+  """'key: trained value -> new value' for each setting the config changes since `marker`."""
+  trained = json.loads(marker.read_text()).get("settings")
+  if trained is None:  # a marker from before they were recorded
+    return []
+  keys = sorted(set(trained) | set(settings))
+  return [
+    f"{k}: {trained.get(k)} -> {settings.get(k)}" for k in keys if trained.get(k) != settings.get(k)
+  ]
 
 
 def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict:
@@ -39,14 +77,21 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict:
   timings = {}
   for name, stage in STAGES:
     marker = workdir / f"{name}.done"
+    settings = stage_settings(config, name)
     if marker.exists():
       print(f"[demo] {name}: reusing {workdir / name}", flush=True)
+      if changed := changed_settings(marker, settings):
+        print(
+          f"[demo] {name} was trained with other settings, which this run does not apply "
+          f"(remove {marker} to train it again): {'; '.join(changed)}",
+          flush=True,
+        )
       continue
     print(f"[demo] {name} ...", flush=True)
     start = time.monotonic()
     stage(config, workdir)
     timings[name] = round(time.monotonic() - start, 1)
-    marker.write_text(json.dumps({"seconds": timings[name]}))
+    marker.write_text(json.dumps({"seconds": timings[name], "settings": settings}))
   build.write_pipeline(config, workdir)
 
   print("[demo] generating and judging ...", flush=True)

@@ -8,9 +8,9 @@ for prompts of every caption form plus an inpainting example, and judges each im
 its pixels. Outputs: WORKDIR/samples.png, WORKDIR/report.json, WORKDIR/samples/.
 
 Each stage leaves a `<stage>.done` marker when it finishes, with the settings it was
-trained with; a second run reuses the finished stages and only generates, and says which
-of a reused stage's settings the new config changes (they have no effect until the stage's
-marker is removed).
+trained with; a second run reuses the finished stages and only generates, and names the
+settings of a reused stage that its config changes (remove the stage's marker to train it
+again with them).
 """
 
 from __future__ import annotations
@@ -82,7 +82,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict:
       print(f"[demo] {name}: reusing {workdir / name}", flush=True)
       if changed := changed_settings(marker, settings):
         print(
-          f"[demo] {name} was trained with other settings, which this run does not apply "
+          f"[demo] {name} was trained with other settings than this run's "
           f"(remove {marker} to train it again): {'; '.join(changed)}",
           flush=True,
         )

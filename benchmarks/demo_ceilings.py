@@ -42,13 +42,14 @@ def demo_config(workdir: pathlib.Path):
   import ml_collections
 
   from configs import demo
+  from muse_jax.data import shapes
 
   report = workdir / "report.json"
   if not report.is_file():
     return demo.get_config()
   config = ml_collections.ConfigDict(json.loads(report.read_text())["config"])
   if "shape_weights" not in config:  # a run from before the weights drew every shape alike
-    config.shape_weights = dict.fromkeys(("circle", "square", "triangle"), 1.0)
+    config.shape_weights = dict.fromkeys(shapes.SHAPES, 1.0)
   return config
 
 

@@ -56,7 +56,8 @@ def _flat(tree: dict, prefix: str = "") -> dict[str, object]:
 
 def stage_settings(config: ml_collections.ConfigDict, name: str) -> dict[str, object]:
   """The settings that stage `name` is trained by, flattened ('tokenizer.steps': 2700)."""
-  return _flat({k: config.to_dict()[k] for k in STAGE_SETTINGS[name] if k in config})
+  tree = config.to_dict()
+  return _flat({k: tree[k] for k in STAGE_SETTINGS[name] if k in tree})
 
 
 def changed_settings(marker: pathlib.Path, settings: dict[str, object]) -> list[str]:

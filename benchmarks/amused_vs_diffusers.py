@@ -9,7 +9,8 @@ then both pipelines make the same request (one prompt, 12 steps, guidance 10 =
 our t = 9, temperature 2 -> 0, cosine) ``--runs`` times, interleaved so that the
 load of a shared machine hits both alike. Each side runs twice. Ours: with the U-ViT
 in float32 (diffusers' precision) and in bfloat16 (bfloat16 products, float32 sums and
-logits: the TPU's native matmul, and AVX512-BF16 / AMX units on CPUs that have them).
+logits: the TPU's native matmul, and AVX512-BF16 / AMX units on CPUs that have them),
+and its VQ decoder's products in the same dtype (``vqgan.fast_convs``: Winograd on a CPU).
 Diffusers: in float32, and in bfloat16 on a CPU (every module: oneDNN runs its products
 on the same units) or float16 on a GPU (its documented recipe for aMUSEd). Reported: the
 medians, each of ours against diffusers in the same precision (and our bfloat16
@@ -274,11 +275,14 @@ def ours_side(loaded, dtype: str, clock: Clock, batch: int):
   from muse_jax import amused, sampling
   from muse_jax import text as text_lib
   from muse_jax.models import uvit
+  from muse_jax.models.vqgan import fast_convs
 
   pipe = copy.copy(loaded)
   # As a run converted with `--dtype` loads: the kernels cast once, not in every call.
   pipe.base_stage = loaded.base_stage.with_dtype(dtype)
   pipe.base_params = uvit.cast_kernels(loaded.base_params, dtype)
+  # ... and its VQ's products in that dtype (Winograd convolutions on a CPU).
+  pipe.tokenizer = loaded.tokenizer.with_convs(**fast_convs(dtype))
   options = pipe.base_options  # the converted run's: aMUSEd's preset
   assert options == amused.AMUSED_SAMPLER, options
   assert options.guidance_scale == amused.guidance_from_diffusers(GUIDANCE)

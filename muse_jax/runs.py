@@ -30,6 +30,7 @@ import jax
 import jax.numpy as jnp
 
 from muse_jax import amused, partitioning, stages
+from muse_jax.models.vqgan import fast_convs
 from muse_jax.pipeline import PAPER_BASE, PAPER_SUPERRES, MusePipeline, SamplerOptions
 from muse_jax.text import TextEncoder
 from muse_jax.vq_tokenizer import load_tokenizer
@@ -133,13 +134,18 @@ def load_pipeline(
     dtype=text_dtype,
     mesh=mesh,
   )
+  base = stage("base")
   superres = stage("superres") if layout.get("superres") else None
+  # The tokenizers' products in the base's compute dtype, by the device's faster convs.
+  convs = fast_convs(base[0].model.dtype, mesh.devices.flat[0])
   return MusePipeline(
-    tokenizer=load_tokenizer(layout["tokenizer"]),
+    tokenizer=load_tokenizer(layout["tokenizer"]).with_convs(**convs),
     text_encoder=text_encoder,
-    base=stage("base"),
+    base=base,
     superres=superres,
-    superres_tokenizer=load_tokenizer(layout["superres_tokenizer"]) if superres else None,
+    superres_tokenizer=(
+      load_tokenizer(layout["superres_tokenizer"]).with_convs(**convs) if superres else None
+    ),
     base_options=_options(PAPER_BASE, layout.get("base_sampler")),
     superres_options=_options(PAPER_SUPERRES, layout.get("superres_sampler")),
     mesh=mesh,

@@ -30,6 +30,11 @@ class Tokenizer(NamedTuple):
   model: VQGAN
   params: Any
 
+  def with_convs(self, conv_impl: str, conv_dtype: Any = None) -> Tokenizer:
+    """The same tokenizer computing its convs another way (``VQGAN.conv_impl`` and
+    ``conv_dtype``; ``vqgan.fast_convs`` picks them for a device); the params are shared."""
+    return Tokenizer(self.model.clone(conv_impl=conv_impl, conv_dtype=conv_dtype), self.params)
+
   def encode(self, images: np.ndarray | jax.Array) -> jax.Array:
     """uint8 [B, H, W, 3] (or floats already in ``model.input_range``) -> int32 ids [B, h, w]."""
     x = jnp.asarray(images)

@@ -27,6 +27,10 @@ Downsampling is either a 2x2 average pool (MaskGIT / Muse) or a stride-2 3x3 con
 input padded by one pixel at the bottom and right only (diffusers ``Downsample2D`` with
 ``padding=0``). diffusers' decoder has ``layers_per_block + 1`` blocks per resolution.
 
+The 3x3 stride-1 convs run as XLA's convolutions or, with ``conv_impl="winograd"``, by
+Winograd's F(2x2, 3x3) on matrix products (``models/winograd.py``), with the same
+parameters; ``fast_convs`` picks the faster for a device (Winograd on a CPU).
+
 Images are NHWC floats in ``input_range`` (MaskGIT/Muse: [-1, 1]; aMUSEd: [0, 1]).
 Shapes: B batch, H/W pixels, h/w tokens (H / f), C channels, D code width, K codebook.
 """
@@ -50,7 +54,8 @@ Array = jax.Array
 Dtype = Any
 
 # How the 3x3 stride-1 convs run: XLA's convolution, or Winograd F(2x2, 3x3) on matrix
-# products (models/winograd.py), 1.1-1.6x faster for aMUSEd's decoder on a CPU.
+# products (models/winograd.py): aMUSEd's decoder on a CPU 1.2x faster in float32, 1.8x
+# with bfloat16 products (fast_convs).
 CONV_IMPLS = ("xla", "winograd")
 
 

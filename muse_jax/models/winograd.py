@@ -12,13 +12,21 @@ do the work of a direct convolution's 36 (2.25x fewer), and they are plain matri
 products, which XLA's CPU backend runs on AMX and AVX512-BF16 (oneDNN) in bfloat16,
 where it has no such path for convolutions.
 
-On 2 Intel Xeon cores with AMX (2026-12-07), against XLA's float32 convolution of the same
-[1, H, W, C] -> O: at 256x256x128 39 against 75 ms with bfloat16 products (62 in float32),
-at 128x128x256 18 against 72 (47), at 32x32x512 4.8 against 21 (11). The transforms add
-and subtract in float32 with coefficients 0, ±1, ±1/2, so the float32 form matches the
-direct one to ~6e-7 (relative), and the bfloat16 one to bfloat16's rounding of its
-inputs, ~4e-3. XLA's batched product ([16, P, C] @ [16, C, O]) runs 3-5x slower on a CPU
-than 16 separate ones, hence the 16 einsums.
+On 2 Intel Xeon cores with AMX (2026-12-07), one conv [1, H, W, C] -> C, the kernel
+transformed in the call, against XLA's float32 convolution:
+
+  | H x W x C     | XLA     | Winograd, float32 | bfloat16 products |
+  | 16x16x768     | 14.5 ms | 12.7 ms           |  8.1 ms           |
+  | 32x32x512     | 20.0    | 12.5              |  5.3              |
+  | 64x64x256     | 16.5    | 11.8              |  4.8              |
+  | 128x128x256   | 72.0    | 46.7              | 17.4              |
+  | 256x256x128   | 74.5    | 62.5              | 36.8              |
+
+The transforms add and subtract in float32 with coefficients 0, ±1, ±1/2, so the float32
+form matches the direct one to ~6e-7 (relative), and the bfloat16 one to bfloat16's
+rounding of its operands, ~4e-3. XLA's batched product ([16, P, C] @ [16, C, O]) runs 3-5x
+slower on a CPU than 16 separate ones, hence the 16 einsums; tiles of rows in a
+``lax.map``, to keep each tile's work in cache, ran slower than the whole image at once.
 
 Shapes: B batch, H/W pixels (Y/X = H/2, W/2 tiles), C input channels, O output channels.
 """
@@ -107,8 +115,8 @@ class Conv3x3(nn.Module):
   """``nn.Conv(features, (3, 3), padding=1)`` computed by ``conv3x3``: the same parameters
   (``kernel`` [3, 3, C, O], ``bias`` [O]), so weights load and checkpoints restore alike.
 
-  The kernel is transformed in every call: ~10 ms for a 768 x 768 one on 2 CPU cores, so
-  it pays at every resolution but the lowest, where it is still as fast as XLA's conv.
+  The kernel is transformed in every call: a few ms for a 768 x 768 one on 2 CPU cores,
+  which the conv still repays at aMUSEd's lowest resolution, 16x16 (the module docstring).
   """
 
   features: int  # O

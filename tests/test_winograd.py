@@ -64,7 +64,9 @@ def test_conv3x3_gradients_equal_the_direct_convs():
 
 
 def test_bad_shapes_name_found_and_expected():
-  with pytest.raises(ValueError, match=r"kernel \[3, 3, C, O\]; got \(1, 4, 4, 2\) and \(3, 3, 5, 2\)"):
+  with pytest.raises(
+    ValueError, match=r"kernel \[3, 3, C, O\]; got \(1, 4, 4, 2\) and \(3, 3, 5, 2\)"
+  ):
     winograd.conv3x3(jnp.zeros((1, 4, 4, 2)), jnp.zeros((3, 3, 5, 2)))
 
 
@@ -123,7 +125,9 @@ def test_vqgan_winograd_sharded():
 
 def test_bad_conv_impl():
   model, v, x = _vqgan_and_images()
-  with pytest.raises(ValueError, match=r"conv_impl must be one of \('xla', 'winograd'\); got 'fft'"):
+  with pytest.raises(
+    ValueError, match=r"conv_impl must be one of \('xla', 'winograd'\); got 'fft'"
+  ):
     model.clone(conv_impl="fft").apply(v, x)
 
 

@@ -397,7 +397,9 @@ class VQGAN(nn.Module):
       **common,
     )
     if self.use_quant_conv:
-      pointwise = functools.partial(_conv, dtype=self.dtype, shard=False, conv_dtype=self.conv_dtype)
+      pointwise = functools.partial(
+        _conv, dtype=self.dtype, shard=False, conv_dtype=self.conv_dtype
+      )
       self.quant_conv = pointwise(self.code_dim, 1, "quant_conv")
       self.post_quant_conv = pointwise(self.latent_channels, 1, "post_quant_conv")
     self.quantize = VectorQuantizer(

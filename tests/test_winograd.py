@@ -90,21 +90,29 @@ def _vqgan_and_images():
   return model, nn.meta.unbox(model.init(jax.random.key(1), x)), x
 
 
+def _apply(model, v, x, method="__call__"):
+  return jax.jit(lambda v, x: model.apply(v, x, method=getattr(model, method)))(v, x)
+
+
 def test_vqgan_winograd_convs_equal_xlas():
   """Same params, same reconstruction (float32), and the bfloat16 products' within bfloat16
   rounding: 1x1 convs included, the stride-2 downsampling conv left to XLA."""
   model, v, x = _vqgan_and_images()
-  ref, aux = model.apply(v, x)
   fast = model.clone(conv_impl="winograd")
-  shapes = jax.tree.map(jnp.shape, nn.meta.unbox(fast.init(jax.random.key(1), x)))
-  assert shapes == jax.tree.map(jnp.shape, v)
-  got, got_aux = fast.apply(v, x)
-  np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4)
-  np.testing.assert_allclose(got_aux["z"], aux["z"], rtol=1e-4, atol=1e-4)
-  # Rounding may move a latent to another code, so the bfloat16 decoder gets the same ids.
   half = model.clone(conv_impl="winograd", conv_dtype=jnp.bfloat16)
-  out = half.apply(v, aux["ids"], method=half.decode)
-  want = model.apply(v, aux["ids"], method=model.decode)
+  shapes = jax.eval_shape(lambda: nn.meta.unbox(fast.init(jax.random.key(1), x)))
+  assert jax.tree.map(jnp.shape, shapes) == jax.tree.map(jnp.shape, v)
+
+  @jax.jit
+  def outputs(v, x):
+    (ref, aux), (got, got_aux) = model.apply(v, x), fast.apply(v, x)
+    # Rounding may move a latent to another code, so both decoders get the same ids.
+    decoded = [m.apply(v, aux["ids"], method=m.decode) for m in (model, half)]
+    return ref, aux["z"], got, got_aux["z"], *decoded
+
+  ref, z, got, got_z, want, out = outputs(v, x)
+  np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4)
+  np.testing.assert_allclose(got_z, z, rtol=1e-4, atol=1e-4)
   assert out.dtype == jnp.float32 and 1e-4 < _relative_error(out, want) < 2e-2
 
 
@@ -116,10 +124,10 @@ def test_vqgan_winograd_sharded():
   params, _ = partitioning.sharded_init(
     lambda k, x: model.init(k, x), mesh, partitioning.DEFAULT_RULES, jax.random.key(0), x
   )
-  ids = model.apply(params, x, method=model.encode)
+  ids = jax.random.randint(jax.random.key(2), (2, 4, 4), 0, TINY["codebook_size"])
   with jax.set_mesh(mesh), nn.logical_axis_rules(partitioning.DEFAULT_RULES):
-    out = jax.jit(lambda p, i: model.apply(p, i, method=model.decode))(params, ids)
-  ref = model.apply(jax.device_get(params), np.asarray(ids), method=model.decode)
+    out = _apply(model, params, ids, "decode")
+  ref = _apply(model, jax.device_get(params), ids, "decode")
   np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-4)
 
 

@@ -1,6 +1,8 @@
 """Winograd F(2x2, 3x3) convolution: equal to XLA's conv, same parameters, and the VQGAN's
 convs computed by it (``conv_impl="winograd"``) in float32 and with bfloat16 products."""
 
+import types
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -143,6 +145,9 @@ def test_fast_convs_and_tokenizer_with_convs():
   assert fast_convs(jnp.bfloat16, jax.devices("cpu")[0]) == dict(
     conv_impl="winograd", conv_dtype=jnp.dtype(jnp.bfloat16)
   )
+  for platform in ("gpu", "tpu"):  # XLA's own convolutions, in the VQGAN's dtype
+    device = types.SimpleNamespace(platform=platform)
+    assert fast_convs(jnp.bfloat16, device) == dict(conv_impl="xla", conv_dtype=None)
   model, v, _ = _vqgan_and_images()
   tok = Tokenizer(model, v["params"]).with_convs(**fast_convs(jnp.float32))
   assert tok.model.conv_impl == "winograd" and tok.params is v["params"]

@@ -284,7 +284,9 @@ def ours_side(loaded, dtype: str, clock: Clock, batch: int):
   # ... and its VQ's products in that dtype (Winograd convolutions on a CPU).
   pipe.tokenizer = loaded.tokenizer.with_convs(**fast_convs(dtype))
   vq = pipe.tokenizer.model
-  print(f"ours {dtype}: VQ convolutions by {vq.conv_impl}, products in {jnp.dtype(vq.conv_dtype or vq.dtype)}")
+  print(
+    f"ours {dtype}: VQ convolutions by {vq.conv_impl}, products in {jnp.dtype(vq.conv_dtype or vq.dtype)}"
+  )
   options = pipe.base_options  # the converted run's: aMUSEd's preset
   assert options == amused.AMUSED_SAMPLER, options
   assert options.guidance_scale == amused.guidance_from_diffusers(GUIDANCE)

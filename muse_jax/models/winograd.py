@@ -93,11 +93,12 @@ def conv3x3(x: Array, kernel: Array, product_dtype: Dtype = jnp.float32) -> Arra
     x.astype(jnp.float32), ((0, 0), (1, 1 + h % 2), (1, 1 + w % 2), (0, 0))
   )  # [B, 2Y + 2, 2X + 2, C]
   u = transform_kernel(kernel, product_dtype)  # [4, 4, C, O]
-  # Row r of every tile is the padded image's rows r, r + 2, r + 4, ...
-  rows = _input_transform(*(xp[:, r : r + 2 * y_tiles : 2] for r in range(4)))
+  # Row r of every tile is the padded image's rows r, r + 2, r + 4, ...: Bᵀ over the rows,
+  # then over the columns, gives the 16 transformed tiles V[a][b].
+  rows = _input_transform(*(xp[:, r : r + 2 * y_tiles : 2] for r in range(4)))  # [B, Y, 2X + 2, C]
   m = []  # m[a][b]: [B, Y, X, O], the channel sums at tile position (a, b)
   for a, row in enumerate(rows):
-    cols = _input_transform(*(row[:, :, s : s + 2 * x_tiles : 2] for s in range(4)))
+    cols = _input_transform(*(row[:, :, s : s + 2 * x_tiles : 2] for s in range(4)))  # [B, Y, X, C]
     m.append([
       jnp.einsum(
         "BYXC,CO->BYXO", v.astype(product_dtype), u[a, bb], preferred_element_type=jnp.float32

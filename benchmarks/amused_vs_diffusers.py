@@ -10,7 +10,7 @@ our t = 9, temperature 2 -> 0, cosine) ``--runs`` times, interleaved so that the
 load of a shared machine hits both alike. Each side runs twice. Ours: with the U-ViT
 in float32 (diffusers' precision) and in bfloat16 (bfloat16 products, float32 sums and
 logits: the TPU's native matmul, and AVX512-BF16 / AMX units on CPUs that have them),
-and its VQ decoder's products in the same dtype (``vqgan.fast_convs``: Winograd on a CPU).
+and its VQ decoder's products in the same dtype (``vq_convs.fast_convs``: Winograd on a CPU).
 Diffusers: in float32, and in bfloat16 on a CPU (every module: oneDNN runs its products
 on the same units) or float16 on a GPU (its documented recipe for aMUSEd). Reported: the
 medians, each of ours against diffusers in the same precision (and our bfloat16
@@ -275,7 +275,7 @@ def ours_side(loaded, dtype: str, clock: Clock, batch: int):
   from muse_jax import amused, sampling
   from muse_jax import text as text_lib
   from muse_jax.models import uvit
-  from muse_jax.models.vqgan import fast_convs
+  from muse_jax.models.vq_convs import fast_convs
 
   pipe = copy.copy(loaded)
   # As a run converted with `--dtype` loads: the kernels cast once, not in every call.

@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 
 from muse_jax import amused, partitioning, stages
-from muse_jax.models.vqgan import fast_convs
+from muse_jax.models.vq_convs import fast_convs
 from muse_jax.pipeline import PAPER_BASE, PAPER_SUPERRES, MusePipeline, SamplerOptions
 from muse_jax.text import TextEncoder
 from muse_jax.vq_tokenizer import load_tokenizer

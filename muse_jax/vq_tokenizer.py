@@ -32,7 +32,7 @@ class Tokenizer(NamedTuple):
 
   def with_convs(self, conv_impl: str, conv_dtype: Any = None) -> Tokenizer:
     """The same tokenizer computing its convs another way (``VQGAN.conv_impl`` and
-    ``conv_dtype``; ``vqgan.fast_convs`` picks them for a device); the params are shared."""
+    ``conv_dtype``; ``vq_convs.fast_convs`` picks them for a device); the params are shared."""
     return Tokenizer(self.model.clone(conv_impl=conv_impl, conv_dtype=conv_dtype), self.params)
 
   def encode(self, images: np.ndarray | jax.Array) -> jax.Array:

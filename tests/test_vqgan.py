@@ -9,9 +9,9 @@ import pytest
 
 from muse_jax import partitioning
 from muse_jax.models.subpixel import UpsampleConv
+from muse_jax.models.vq_convs import PointwiseConv
 from muse_jax.models.vqgan import (
   VQGAN,
-  PointwiseConv,
   depth_to_space,
   from_unit_range,
   space_to_depth,

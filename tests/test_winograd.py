@@ -11,7 +11,8 @@ import pytest
 
 from muse_jax import partitioning
 from muse_jax.models import winograd
-from muse_jax.models.vqgan import VQGAN, fast_convs
+from muse_jax.models.vq_convs import fast_convs
+from muse_jax.models.vqgan import VQGAN
 from muse_jax.vq_tokenizer import Tokenizer
 
 _NHWC = ("NHWC", "HWIO", "NHWC")

@@ -29,7 +29,7 @@ input padded by one pixel at the bottom and right only (diffusers ``Downsample2D
 
 The 3x3 stride-1 convs run as XLA's convolutions or, with ``conv_impl="winograd"``, by
 Winograd's F(2x2, 3x3) on matrix products (``models/winograd.py``), with the same
-parameters; ``fast_convs`` picks the faster for a device (Winograd on a CPU).
+parameters; ``vq_convs.fast_convs`` picks the faster for a device (Winograd on a CPU).
 
 Images are NHWC floats in ``input_range`` (MaskGIT/Muse: [-1, 1]; aMUSEd: [0, 1]).
 Shapes: B batch, H/W pixels, h/w tokens (H / f), C channels, D code width, K codebook.
@@ -47,102 +47,11 @@ import jax.numpy as jnp
 
 from muse_jax.models.quantizer import VectorQuantizer
 from muse_jax.models.subpixel import UpsampleConv
-from muse_jax.models.winograd import Conv3x3
+from muse_jax.models.vq_convs import conv_layer
 from muse_jax.partitioning import CONV_IN, CONV_OUT, NORM
 
 Array = jax.Array
 Dtype = Any
-
-# How the 3x3 stride-1 convs run: XLA's convolution, or Winograd F(2x2, 3x3) on matrix
-# products (models/winograd.py): aMUSEd's decoder on a CPU 1.2x faster in float32, 1.8x
-# with bfloat16 products (fast_convs).
-CONV_IMPLS = ("xla", "winograd")
-
-
-class PointwiseConv(nn.Module):
-  """A 1x1 conv as one matmul over the channels, with ``nn.Conv``'s parameters (kernel
-  ``[1, 1, C, O]``, bias ``[O]``). XLA's CPU convolution runs a 1x1 kernel at a fraction
-  of its matmul rate: aMUSEd's 256 -> 128 shortcut at 256x256 takes 55 ms as a conv and
-  33 ms as this einsum on 2 cores."""
-
-  features: int  # O
-  dtype: Dtype = jnp.float32  # computation dtype
-  kernel_init: Any = nn.initializers.lecun_normal()
-  bias_init: Any = nn.initializers.zeros
-  product_dtype: Dtype | None = None  # the product's operands, summed in float32; None: dtype
-
-  @nn.compact
-  def __call__(self, x: Array) -> Array:  # [..., C] -> [..., O]
-    kernel = self.param("kernel", self.kernel_init, (1, 1, x.shape[-1], self.features))
-    bias = self.param("bias", self.bias_init, (self.features,))
-    if self.product_dtype is None:
-      x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
-      return jnp.einsum("...C,CO->...O", x, kernel[0, 0]) + bias
-    y = jnp.einsum(
-      "...C,CO->...O",
-      x.astype(self.product_dtype),
-      kernel[0, 0].astype(self.product_dtype),
-      preferred_element_type=jnp.float32,
-    )
-    return (y + bias.astype(jnp.float32)).astype(self.dtype)
-
-
-def _conv(
-  features: int,
-  k: int,
-  name: str,
-  dtype: Dtype,
-  stride: int = 1,
-  padding: Any = None,
-  shard: bool = True,
-  conv_impl: str = "xla",
-  conv_dtype: Dtype | None = None,
-) -> nn.Module:
-  """A conv whose output channels are sharded over ``CONV_OUT`` unless ``shard`` is False
-  (the narrow convs to pixels and latents: 3 or 8 channels do not split over a mesh).
-
-  ``conv_impl="winograd"`` computes a 3x3 stride-1 conv by ``winograd.Conv3x3``;
-  ``conv_dtype`` is the operand dtype of that conv's products and of a 1x1 conv's (sums in
-  float32; None: ``dtype``). Other convs are XLA's, in ``dtype``.
-  """
-  if conv_impl not in CONV_IMPLS:
-    raise ValueError(f"conv_impl must be one of {CONV_IMPLS}; got {conv_impl!r}")
-  pad = k // 2
-  out_axis = CONV_OUT if shard else None
-  kernel_init = nn.with_logical_partitioning(
-    nn.initializers.lecun_normal(), (None, None, CONV_IN, out_axis)
-  )
-  bias_init = nn.with_logical_partitioning(nn.initializers.zeros, (out_axis,))
-  if k == 1 and stride == 1 and padding is None:
-    return PointwiseConv(features, dtype, kernel_init, bias_init, conv_dtype, name=name)
-  if k == 3 and stride == 1 and padding is None and conv_impl == "winograd":
-    return Conv3x3(features, dtype, conv_dtype or dtype, kernel_init, bias_init, name=name)
-  return nn.Conv(
-    features,
-    (k, k),
-    strides=(stride, stride),
-    padding=((pad, pad), (pad, pad)) if padding is None else padding,
-    dtype=dtype,
-    kernel_init=kernel_init,
-    bias_init=bias_init,
-    name=name,
-  )
-
-
-def fast_convs(dtype: Dtype, device: jax.Device | None = None) -> dict[str, Any]:
-  """The faster ``conv_impl`` and ``conv_dtype`` for products in ``dtype`` on a device
-  (default: JAX's first), as ``Tokenizer.with_convs`` takes them.
-
-  On a CPU, Winograd with products in ``dtype``: XLA's CPU convolutions use neither AMX nor
-  AVX512-BF16, its matrix products do. aMUSEd's decoder (16x16 ids to a 256x256 image) on
-  2 Intel Xeon cores (2026-12-07): 1.81 s with XLA's convolutions, 1.48 in float32 (within
-  2.4e-6 of them, relative), 1.03 with bfloat16 products (within 1.2e-2). Elsewhere XLA's
-  convolutions, computing in the VQGAN's ``dtype``.
-  """
-  device = device or jax.devices()[0]
-  if device.platform != "cpu":
-    return dict(conv_impl="xla", conv_dtype=None)
-  return dict(conv_impl="winograd", conv_dtype=jnp.dtype(dtype))
 
 
 def _norm(groups: int, eps: float, name: str, dtype: Dtype) -> nn.GroupNorm:
@@ -165,13 +74,13 @@ class ResnetBlock(nn.Module):
   norm_groups: int = 32
   norm_eps: float = 1e-6
   dtype: Dtype = jnp.float32
-  conv_impl: str = "xla"  # 3x3 stride-1 convs: one of CONV_IMPLS
+  conv_impl: str = "xla"  # 3x3 stride-1 convs: one of vq_convs.CONV_IMPLS
   conv_dtype: Dtype | None = None  # winograd and 1x1 convs' product operands; None: dtype
 
   @nn.compact
   def __call__(self, x: Array) -> Array:  # [B, H, W, C] -> [B, H, W, C']
     conv = functools.partial(
-      _conv, dtype=self.dtype, conv_impl=self.conv_impl, conv_dtype=self.conv_dtype
+      conv_layer, dtype=self.dtype, conv_impl=self.conv_impl, conv_dtype=self.conv_dtype
     )
     h = nn.silu(_norm(self.norm_groups, self.norm_eps, "norm1", self.dtype)(x))
     h = conv(self.out_channels, 3, "conv1")(h)
@@ -193,7 +102,7 @@ class Downsample(nn.Module):
     if self.kind == "avgpool":
       return nn.avg_pool(x, (2, 2), strides=(2, 2))
     if self.kind == "conv":
-      return _conv(x.shape[-1], 3, "conv", self.dtype, stride=2, padding=((0, 1), (0, 1)))(x)
+      return conv_layer(x.shape[-1], 3, "conv", self.dtype, stride=2, padding=((0, 1), (0, 1)))(x)
     raise ValueError(f"downsample must be 'avgpool' or 'conv'; got {self.kind!r}")
 
 
@@ -243,7 +152,7 @@ class MidBlock(nn.Module):
   norm_groups: int = 32
   norm_eps: float = 1e-6
   dtype: Dtype = jnp.float32
-  conv_impl: str = "xla"  # 3x3 stride-1 convs: one of CONV_IMPLS
+  conv_impl: str = "xla"  # 3x3 stride-1 convs: one of vq_convs.CONV_IMPLS
   conv_dtype: Dtype | None = None  # winograd and 1x1 convs' product operands; None: dtype
 
   @nn.compact
@@ -270,14 +179,14 @@ class Encoder(nn.Module):
   norm_groups: int = 32
   norm_eps: float = 1e-6
   dtype: Dtype = jnp.float32
-  conv_impl: str = "xla"  # 3x3 stride-1 convs: one of CONV_IMPLS
+  conv_impl: str = "xla"  # 3x3 stride-1 convs: one of vq_convs.CONV_IMPLS
   conv_dtype: Dtype | None = None  # winograd and 1x1 convs' product operands; None: dtype
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
     convs = dict(conv_impl=self.conv_impl, conv_dtype=self.conv_dtype)
     kw = dict(norm_groups=self.norm_groups, norm_eps=self.norm_eps, dtype=self.dtype, **convs)
-    x = _conv(self.channels[0], 3, "conv_in", self.dtype, **convs)(x.astype(self.dtype))
+    x = conv_layer(self.channels[0], 3, "conv_in", self.dtype, **convs)(x.astype(self.dtype))
     for i, c in enumerate(self.channels):
       for j in range(self.num_res_blocks):
         x = ResnetBlock(c, **kw, name=f"down_blocks_{i}_resnets_{j}")(x)
@@ -287,7 +196,7 @@ class Encoder(nn.Module):
       self.channels[-1], self.mid_num_res_blocks, self.mid_attention, **kw, name="mid_block"
     )(x)
     x = nn.silu(_norm(self.norm_groups, self.norm_eps, "conv_norm_out", self.dtype)(x))
-    return _conv(self.latent_channels, 3, "conv_out", self.dtype, shard=False, **convs)(x)
+    return conv_layer(self.latent_channels, 3, "conv_out", self.dtype, shard=False, **convs)(x)
 
 
 class Decoder(nn.Module):
@@ -301,14 +210,14 @@ class Decoder(nn.Module):
   norm_groups: int = 32
   norm_eps: float = 1e-6
   dtype: Dtype = jnp.float32
-  conv_impl: str = "xla"  # 3x3 stride-1 convs: one of CONV_IMPLS
+  conv_impl: str = "xla"  # 3x3 stride-1 convs: one of vq_convs.CONV_IMPLS
   conv_dtype: Dtype | None = None  # winograd and 1x1 convs' product operands; None: dtype
 
   @nn.compact
   def __call__(self, z: Array) -> Array:
     convs = dict(conv_impl=self.conv_impl, conv_dtype=self.conv_dtype)
     kw = dict(norm_groups=self.norm_groups, norm_eps=self.norm_eps, dtype=self.dtype, **convs)
-    x = _conv(self.channels[-1], 3, "conv_in", self.dtype, **convs)(z.astype(self.dtype))
+    x = conv_layer(self.channels[-1], 3, "conv_in", self.dtype, **convs)(z.astype(self.dtype))
     x = MidBlock(
       self.channels[-1], self.mid_num_res_blocks, self.mid_attention, **kw, name="mid_block"
     )(x)
@@ -318,7 +227,7 @@ class Decoder(nn.Module):
       if i < len(self.channels) - 1:
         x = Upsample(self.dtype, name=f"up_blocks_{i}_upsamplers_0")(x)
     x = nn.silu(_norm(self.norm_groups, self.norm_eps, "conv_norm_out", self.dtype)(x))
-    return _conv(self.out_channels, 3, "conv_out", self.dtype, shard=False, **convs)(x)
+    return conv_layer(self.out_channels, 3, "conv_out", self.dtype, shard=False, **convs)(x)
 
 
 class VQGAN(nn.Module):
@@ -351,7 +260,7 @@ class VQGAN(nn.Module):
   dtype: Dtype = jnp.float32
   # How the convs compute (same parameters either way): the 3x3 stride-1 ones by XLA or by
   # Winograd (models/winograd.py; faster on a CPU); conv_dtype is the operand dtype of the
-  # winograd and 1x1 convs' products, summed in float32 (None: dtype). See fast_convs.
+  # winograd and 1x1 convs' products, summed in float32 (None: dtype). See vq_convs.
   conv_impl: str = "xla"
   conv_dtype: Dtype | None = None
 
@@ -398,7 +307,7 @@ class VQGAN(nn.Module):
     )
     if self.use_quant_conv:
       pointwise = functools.partial(
-        _conv, dtype=self.dtype, shard=False, conv_dtype=self.conv_dtype
+        conv_layer, dtype=self.dtype, shard=False, conv_dtype=self.conv_dtype
       )
       self.quant_conv = pointwise(self.code_dim, 1, "quant_conv")
       self.post_quant_conv = pointwise(self.latent_channels, 1, "post_quant_conv")

@@ -136,6 +136,10 @@ class AmusedStage:
   def needs_low_res(self) -> bool:
     return False
 
+  @property
+  def dtype(self) -> Any:
+    return self.model.dtype
+
   def with_micro_conditioning(
     self,
     *,

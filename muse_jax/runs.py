@@ -137,7 +137,7 @@ def load_pipeline(
   base = stage("base")
   superres = stage("superres") if layout.get("superres") else None
   # The tokenizers' products in the base's compute dtype, by the device's faster convs.
-  convs = fast_convs(base[0].model.dtype, mesh.devices.flat[0])
+  convs = fast_convs(base[0].dtype, mesh.devices.flat[0])
   return MusePipeline(
     tokenizer=load_tokenizer(layout["tokenizer"]).with_convs(**convs),
     text_encoder=text_encoder,

@@ -40,6 +40,9 @@ class Stage(Protocol):
   @property
   def needs_low_res(self) -> bool: ...
 
+  @property
+  def dtype(self) -> Any: ...  # computation dtype of its products (the tokenizers' follow it).
+
   def logits(
     self, params: Any, ids: jax.Array, text: TextEmbeddings, low_res_ids: jax.Array | None = None
   ) -> jax.Array: ...  # ids int32 [B, L] -> float32 [B, L, K]
@@ -70,6 +73,10 @@ class MuseStage:
   @property
   def needs_low_res(self) -> bool:
     return isinstance(self.model, SuperResTransformer)
+
+  @property
+  def dtype(self) -> Any:
+    return self.model.dtype
 
   @property
   def low_res_grid(self) -> tuple[int, int] | None:

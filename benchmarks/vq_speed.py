@@ -8,6 +8,7 @@ in the same process when torch and diffusers are importable, else only ours.
 
   python benchmarks/vq_speed.py                     # batch 1, fp32
   python benchmarks/vq_speed.py --batch 4 --repeats 3 --json /tmp/vq_speed.json
+  python benchmarks/vq_speed.py --no_torch --conv_impl winograd --conv_dtype bfloat16
 
 Times are medians over ``--repeats`` calls after one warm-up call (ours: after jit
 compilation, whose time is reported separately). Throughput = images / second.
@@ -21,6 +22,8 @@ import statistics
 import time
 
 import numpy as np
+
+from muse_jax.models.vq_convs import CONV_IMPLS
 
 AMUSED_VQ = dict(
   block_out_channels=[128, 256, 256, 512, 768],
@@ -63,7 +66,9 @@ def torch_model(seed: int = 0):
   return m
 
 
-def ours_from_state_dict(state_dict: dict[str, np.ndarray] | None, dtype: str):
+def ours_from_state_dict(
+  state_dict: dict[str, np.ndarray] | None, dtype: str, conv_impl: str = "xla", conv_dtype=None
+):
   import jax
   import jax.numpy as jnp
 
@@ -77,7 +82,13 @@ def ours_from_state_dict(state_dict: dict[str, np.ndarray] | None, dtype: str):
       "up_block_types": ["UpDecoderBlock2D"] * 5,
     }
   )
-  model = VQGAN(**kwargs, input_range=(0.0, 1.0), dtype=jnp.dtype(dtype))
+  model = VQGAN(
+    **kwargs,
+    input_range=(0.0, 1.0),
+    dtype=jnp.dtype(dtype),
+    conv_impl=conv_impl,
+    conv_dtype=conv_dtype and jnp.dtype(conv_dtype),
+  )
   abstract = diffusers_vq.abstract_params(model)
   if state_dict is None:
     import flax.linen as nn
@@ -98,6 +109,10 @@ def main() -> None:
   ap.add_argument("--size", type=int, default=256)
   ap.add_argument("--repeats", type=int, default=5)
   ap.add_argument("--dtype", default="float32", help="our compute dtype (float32 or bfloat16)")
+  ap.add_argument(
+    "--conv_impl", choices=CONV_IMPLS, default="xla", help="our 3x3 convolutions (vq_convs)"
+  )
+  ap.add_argument("--conv_dtype", default=None, help="their products' dtype (default: --dtype)")
   ap.add_argument("--no_torch", action="store_true", help="time ours only")
   ap.add_argument("--json", default="", help="also write the results here")
   args = ap.parse_args()
@@ -107,7 +122,7 @@ def main() -> None:
 
   tm = None if args.no_torch else torch_model()
   sd = {k: v.detach().numpy() for k, v in tm.state_dict().items()} if tm is not None else None
-  model, params = ours_from_state_dict(sd, args.dtype)
+  model, params = ours_from_state_dict(sd, args.dtype, args.conv_impl, args.conv_dtype)
   rng = np.random.default_rng(0)
   images = rng.uniform(0, 1, (args.batch, args.size, args.size, 3)).astype(np.float32)
   h = args.size // model.downsample_factor
@@ -131,6 +146,7 @@ def main() -> None:
     "tokens": [h, h],
     "params_millions": round(sum(int(np.prod(v.shape)) for v in jax.tree.leaves(params)) / 1e6, 2),
     "ours_dtype": args.dtype,
+    "ours_convs": f"{args.conv_impl}, products in {args.conv_dtype or args.dtype}",
     "ours_first_call_s": {"encode": round(compile_encode, 2), "decode": round(compile_decode, 2)},
     "ours_s": {"encode": round(ours_enc, 3), "decode": round(ours_dec, 3)},
     "ours_images_per_s": {

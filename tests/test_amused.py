@@ -9,6 +9,7 @@ draws were recorded, so that ours can replay it token for token.
 import collections
 import dataclasses
 import json
+import logging
 import math
 import os
 import pathlib
@@ -222,7 +223,9 @@ def test_inpaint_mask_is_the_one_amused_inpaint_pipeline_makes(pipe, golden):
 # Conversion: idempotent, atomic, clear errors; diffusers folders load directly too.
 
 
-def test_conversion_is_idempotent_and_refuses_foreign_folders(run_dir, tmp_path):
+def test_conversion_is_idempotent_and_refuses_foreign_folders(
+  run_dir, tmp_path, monkeypatch, caplog
+):
   before = (run_dir / runs.PIPELINE_FILE).stat().st_mtime_ns
   assert convert_amused(SRC, run_dir).up_to_date
   assert (run_dir / runs.PIPELINE_FILE).stat().st_mtime_ns == before
@@ -237,6 +240,13 @@ def test_conversion_is_idempotent_and_refuses_foreign_folders(run_dir, tmp_path)
   assert params["embedding"].dtype == jnp.float32
   _, params = amused.load_amused_stage(other / "transformer", dtype="float32")
   assert params["mlm_conv2"]["kernel"].dtype == jnp.float32  # as stored
+  # Loaded on a CPU without bfloat16 units, a bfloat16 run says it is slower there.
+  for units in (True, False):
+    monkeypatch.setattr(runs.cpu_features, "has_bf16_products", lambda u=units: u)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+      runs.load_pipeline(other)
+    assert ("this CPU has no bfloat16 units" in caplog.text) is not units
   (tmp_path / "mine").mkdir()
   (tmp_path / "mine" / "notes.txt").write_text("keep me")
   with pytest.raises(ConversionError, match="exists and is not an aMUSEd conversion"):

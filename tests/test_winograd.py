@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from muse_jax import partitioning
-from muse_jax.models import winograd
+from muse_jax.models import vq_convs, winograd
 from muse_jax.models.vq_convs import fast_convs
 from muse_jax.models.vqgan import VQGAN
 from muse_jax.vq_tokenizer import Tokenizer
@@ -142,10 +142,15 @@ def test_bad_conv_impl():
     model.clone(conv_impl="fft").apply(v, x)
 
 
-def test_fast_convs_and_tokenizer_with_convs():
-  assert fast_convs(jnp.bfloat16, jax.devices("cpu")[0]) == dict(
-    conv_impl="winograd", conv_dtype=jnp.dtype(jnp.bfloat16)
-  )
+def test_fast_convs_and_tokenizer_with_convs(monkeypatch):
+  cpu = jax.devices("cpu")[0]
+  for units, products in ((True, jnp.bfloat16), (False, jnp.float32)):
+    # bfloat16 products only where the CPU multiplies bfloat16 in hardware.
+    monkeypatch.setattr(vq_convs.cpu_features, "has_bf16_products", lambda u=units: u)
+    assert fast_convs(jnp.bfloat16, cpu) == dict(
+      conv_impl="winograd", conv_dtype=jnp.dtype(products)
+    )
+    assert fast_convs(jnp.float32, cpu)["conv_dtype"] == jnp.float32
   for platform in ("gpu", "tpu"):  # XLA's own convolutions, in the VQGAN's dtype
     device = types.SimpleNamespace(platform=platform)
     assert fast_convs(jnp.bfloat16, device) == dict(conv_impl="xla", conv_dtype=None)

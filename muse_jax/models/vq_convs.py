@@ -16,6 +16,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from muse_jax import cpu_features
 from muse_jax.models.winograd import Conv3x3
 from muse_jax.partitioning import CONV_IN, CONV_OUT
 
@@ -102,13 +103,24 @@ def fast_convs(dtype: Dtype, device: jax.Device | None = None) -> dict[str, Any]
   """The faster ``conv_impl`` and ``conv_dtype`` for products in ``dtype`` on a device
   (default: JAX's first), as ``Tokenizer.with_convs`` takes them.
 
-  On a CPU, Winograd with products in ``dtype``: XLA's CPU convolutions use neither AMX nor
-  AVX512-BF16, its matrix products do. aMUSEd's decoder (16x16 ids to a 256x256 image) on
-  2 Intel Xeon cores (2026-12-07): 1.81 s with XLA's convolutions, 1.48 in float32 (within
-  2.4e-6 of them, relative), 1.03 with bfloat16 products (within 1.2e-2). Elsewhere XLA's
-  convolutions, computing in the VQGAN's ``dtype``.
+  On a CPU, Winograd, with products in ``dtype`` where the CPU multiplies bfloat16 in
+  hardware (``cpu_features``) and in float32 where it does not: XLA's CPU convolutions use
+  neither AMX nor AVX512-BF16, its matrix products do. aMUSEd's decoder (16x16 ids to a
+  256x256 image), ``benchmarks/vq_speed.py --no_torch``, 2026-12-07:
+
+  | convolutions                | 2 Intel Xeon cores (AMX) | 2 AMD Zen 3 cores (AVX2) |
+  |-----------------------------|--------------------------|--------------------------|
+  | XLA's, float32              | 1.81 s                   | 3.15 s                   |
+  | Winograd, float32 products  | 1.48 s                   | 2.49 s                   |
+  | Winograd, bfloat16 products | 1.03 s                   | 2.91 s                   |
+
+  Float32 Winograd is within 2.4e-6 of XLA's convolutions (relative), bfloat16 products
+  within 1.2e-2. Elsewhere XLA's convolutions, computing in the VQGAN's ``dtype``.
   """
   device = device or jax.devices()[0]
   if device.platform != "cpu":
     return dict(conv_impl="xla", conv_dtype=None)
-  return dict(conv_impl="winograd", conv_dtype=jnp.dtype(dtype))
+  dtype = jnp.dtype(dtype)
+  if dtype == jnp.bfloat16 and not cpu_features.has_bf16_products():
+    dtype = jnp.dtype(jnp.float32)
+  return dict(conv_impl="winograd", conv_dtype=dtype)

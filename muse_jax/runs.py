@@ -138,16 +138,17 @@ def load_pipeline(
   base = stage("base")
   superres = stage("superres") if layout.get("superres") else None
   device = mesh.devices.flat[0]
-  if device.platform == "cpu" and base[0].dtype == jnp.bfloat16:
-    if not cpu_features.has_bf16_products():
-      logging.warning(
-        "%s computes in bfloat16, but this CPU has no bfloat16 units (AVX512-BF16, AMX or"
-        " Arm's BF16), so it converts every operand and runs slower than in float32 (aMUSEd"
-        " mid size on 2 Zen 3 cores: 14.2 s an image against 10.6 s); float32 runs faster"
-        " here (convert with --dtype float32)",
-        run,
-      )
-  # The tokenizers' products in the base's compute dtype, by the device's faster convs.
+  slow_bf16 = device.platform == "cpu" and not cpu_features.has_bf16_products()
+  if slow_bf16 and base[0].dtype == jnp.bfloat16:
+    logging.warning(
+      "%s computes in bfloat16, but this CPU has no bfloat16 units (AVX512-BF16, AMX or Arm's"
+      " BF16): it converts every operand, so float32 runs faster here (aMUSEd at mid size on"
+      " 2 Zen 3 cores: 14.2 s an image in bfloat16, 10.6 s in float32; `muse-jax convert"
+      " amused --dtype float32`)",
+      run,
+    )
+  # The tokenizers' products in the base's compute dtype (in float32 on such a CPU), by the
+  # device's faster convs.
   convs = fast_convs(base[0].dtype, device)
   return MusePipeline(
     tokenizer=load_tokenizer(layout["tokenizer"]).with_convs(**convs),

@@ -10,12 +10,13 @@ our t = 9, temperature 2 -> 0, cosine) ``--runs`` times, interleaved so that the
 load of a shared machine hits both alike. Each side runs twice. Ours: with the U-ViT
 in float32 (diffusers' precision) and in bfloat16 (bfloat16 products, float32 sums and
 logits: the TPU's native matmul, and AVX512-BF16 / AMX units on CPUs that have them),
-and its VQ decoder's products in the same dtype (``vq_convs.fast_convs``: Winograd on a CPU).
-Diffusers: in float32, and in bfloat16 on a CPU with bfloat16 units (every module: oneDNN
-runs its products on the same units; not on a CPU without them, where torch converts every
-operand and takes minutes an image) or float16 on a GPU (its documented recipe for aMUSEd). Reported: the
-medians, each of ours against diffusers in the same precision (and our bfloat16
-against its float32, the comparison of the earliest runs), and where the time goes in
+and its VQ decoder's products in the same dtype (``vq_convs.fast_convs``: Winograd on a
+CPU, in float32 on one without bfloat16 units). Diffusers: in float32, and in bfloat16 on
+a CPU with bfloat16 units (every module: oneDNN runs its products on the same units; not
+on a CPU without them, where torch converts every operand and takes minutes an image) or
+float16 on a GPU (its documented recipe for aMUSEd). Reported: the medians, each of ours
+against diffusers in the same precision (and our bfloat16 against its float32, the
+comparison of the earliest runs), and where the time goes in
 each (text encoder, transformer steps, sampling arithmetic, VQ decode).
 
 On a GPU (``--device cuda``) both sides may use TF32 in float32 matrix products (XLA's
@@ -416,15 +417,18 @@ def main() -> None:
   # against its float32 is printed too, as the comparison of earlier runs.
   # A CPU without bfloat16 units (AVX2 alone, say) has torch convert every operand: its
   # bfloat16 VQ decode took minutes on 2 Zen 3 cores, so it is not a setting anyone uses.
-  half = "bfloat16" if args.device == "cpu" else "float16"
-  if args.device == "cpu" and not cpu_features.has_bf16_products():
+  halves = ["bfloat16"] if args.device == "cpu" else ["float16"]
+  if cpu_features.converts_bf16(jax.devices()[0]):
     print("this CPU has no bfloat16 units (cpu_features): diffusers runs in float32 only")
-    half = None
-  dtypes = ("float32", half) if half else ("float32",)
-  sides = {f"diffusers {d}": diffusers_side(src, d, clock, args.batch) for d in dtypes}
-  pairs = [("ours float32", "diffusers float32"), ("ours bfloat16", "diffusers float32")]
-  if half:
-    pairs.insert(1, ("ours bfloat16", f"diffusers {half}"))
+    halves = []
+  sides = {
+    f"diffusers {d}": diffusers_side(src, d, clock, args.batch) for d in ("float32", *halves)
+  }
+  pairs = [
+    ("ours float32", "diffusers float32"),
+    *(("ours bfloat16", f"diffusers {half}") for half in halves),
+    ("ours bfloat16", "diffusers float32"),
+  ]
   for dtype in ("float32", "bfloat16"):
     sides[f"ours {dtype}"] = ours_side(loaded, dtype, clock, args.batch)
   names = list(sides)

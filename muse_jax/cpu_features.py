@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import pathlib
+from typing import Any
 
 # /proc/cpuinfo's names for bfloat16 multiply units: x86's "flags", aarch64's "Features".
 BF16_FLAGS = frozenset({"avx512_bf16", "amx_bf16", "bf16"})
@@ -34,3 +35,9 @@ def has_bf16_products(cpuinfo_path: str = "/proc/cpuinfo") -> bool:
   except OSError:  # not Linux: assume none, float32 is never slower where they are missing
     return False
   return bool(bf16_flags(text))
+
+
+def converts_bf16(device: Any) -> bool:
+  """Whether ``device`` (a ``jax.Device``) is a CPU that converts bfloat16 operands to
+  float32 before it multiplies: there float32 is the faster compute dtype."""
+  return device.platform == "cpu" and not has_bf16_products()

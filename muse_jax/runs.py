@@ -138,8 +138,7 @@ def load_pipeline(
   base = stage("base")
   superres = stage("superres") if layout.get("superres") else None
   device = mesh.devices.flat[0]
-  slow_bf16 = device.platform == "cpu" and not cpu_features.has_bf16_products()
-  if slow_bf16 and base[0].dtype == jnp.bfloat16:
+  if base[0].dtype == jnp.bfloat16 and cpu_features.converts_bf16(device):
     logging.warning(
       "%s computes in bfloat16, but this CPU has no bfloat16 units (AVX512-BF16, AMX or Arm's"
       " BF16): it converts every operand, so float32 runs faster here (aMUSEd at mid size on"

@@ -1,5 +1,7 @@
 """The host CPU's bfloat16 units, read from /proc/cpuinfo text."""
 
+import types
+
 from muse_jax import cpu_features
 
 _ZEN3 = """processor\t: 0
@@ -29,3 +31,11 @@ def test_has_bf16_products(tmp_path):
     path.write_text(text)
     assert cpu_features.has_bf16_products(str(path)) is expected
   assert cpu_features.has_bf16_products(str(tmp_path / "missing")) is False
+
+
+def test_converts_bf16_only_on_a_cpu_without_units(monkeypatch):
+  cpu, gpu = types.SimpleNamespace(platform="cpu"), types.SimpleNamespace(platform="gpu")
+  for units in (True, False):
+    monkeypatch.setattr(cpu_features, "has_bf16_products", lambda u=units: u)
+    assert cpu_features.converts_bf16(cpu) is not units
+    assert cpu_features.converts_bf16(gpu) is False

@@ -121,6 +121,6 @@ def fast_convs(dtype: Dtype, device: jax.Device | None = None) -> dict[str, Any]
   if device.platform != "cpu":
     return dict(conv_impl="xla", conv_dtype=None)
   dtype = jnp.dtype(dtype)
-  if dtype == jnp.bfloat16 and not cpu_features.has_bf16_products():
+  if dtype == jnp.bfloat16 and cpu_features.converts_bf16(device):
     dtype = jnp.dtype(jnp.float32)
   return dict(conv_impl="winograd", conv_dtype=dtype)
